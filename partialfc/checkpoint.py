@@ -1,0 +1,271 @@
+"""Checkpoints: atomic, per-rank head shards, re-cut by class range on load.
+
+Layout of ``OUTPUT/checkpoints/``::
+
+    step_00000100/
+        manifest.json            what the run was (classes, K, D, backbone, world size, position)
+        backbone.pt              partialfc-backbone/1 (``partialfc.models.save_backbone``)
+        backbone_optimizer.pt    backbone optimizer + scheduler + grad scaler (rank 0; DDP keeps them equal)
+        head_rank00000.pt        one per rank: its class range, center rows and their optimizer rows
+        rng_rank00000.pt         one per rank: torch (and CUDA) RNG and the head's sampling stream
+    latest                       text: name of the newest complete step directory
+
+Every rank writes its files into ``step_XXXXXXXX.tmp/``; after a barrier rank 0 writes
+the manifest, renames the directory into place and only then updates ``latest``. A
+run killed at any point leaves either a complete checkpoint or a ``.tmp`` directory
+that loading ignores. Loading uses ``torch.load(weights_only=True)`` only.
+
+Head rows are stored with their global class range, so a checkpoint written by W ranks
+loads onto W' ranks: each new shard copies its rows from whichever old shards overlap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from partialfc.distributed import collectives
+
+FORMAT = "partialfc-checkpoint/1"
+HEAD_FORMAT = "partialfc-head-shard/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or from another model."""
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or not a weights-only file
+        raise CheckpointError(f"cannot read checkpoint file {str(path)!r}: {exc}") from None
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A step directory from a step directory or a checkpoints root with ``latest``."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            step = root / latest.read_text().strip()
+            if (step / "manifest.json").is_file():
+                return step
+            raise CheckpointError(f"{latest} names {step.name!r}, which has no manifest.json")
+    raise CheckpointError(f"no checkpoint at {str(path)!r} (no manifest.json and no 'latest' file)")
+
+
+def find_latest(output: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint of a run directory, or None."""
+    try:
+        return resolve_checkpoint(Path(output) / "checkpoints")
+    except CheckpointError:
+        return None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    step_dir = resolve_checkpoint(path)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{step_dir}/manifest.json: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------- saving
+def _head_state(head, head_optimizer) -> dict:
+    rows = {}
+    state = head_optimizer.state.get(head.weight, {}) if head_optimizer is not None else {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == head.weight.shape[0]:
+            rows[key] = value.detach().cpu()
+    return {
+        "format": HEAD_FORMAT,
+        "class_start": head.class_start,
+        "num_local": head.num_local,
+        "num_classes": head.num_classes,
+        "num_subcenters": head.num_subcenters,
+        "embedding_size": head.embedding_size,
+        "weight": head.weight.detach().cpu(),
+        "optimizer_rows": rows,
+    }
+
+
+def _rng_state(head) -> dict:
+    state = {"torch": torch.get_rng_state(), "sampler": head.sampler_state().cpu()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, config_dict: dict,
+                    backbone_name: str, backbone_kwargs: dict, backbone, head, backbone_optimizer,
+                    head_optimizer, schedulers: dict, scaler=None, keep_last: int = 3) -> Path:
+    """Collective: every rank calls it. Returns the final step directory."""
+    from partialfc.models import save_backbone
+
+    group = head.process_group
+    rank, world = collectives.rank(group), collectives.world_size(group)
+    root = Path(output) / "checkpoints"
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
+        tmp.mkdir(parents=True)
+    _barrier(group)
+    _atomic_torch_save(_head_state(head, head_optimizer), tmp / f"head_rank{rank:05d}.pt")
+    _atomic_torch_save(_rng_state(head), tmp / f"rng_rank{rank:05d}.pt")
+    if rank == 0:
+        save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone.state_dict())
+        trainer_state = {
+            "backbone_optimizer": backbone_optimizer.state_dict(),
+            "head_optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
+                                      for g in head_optimizer.param_groups],
+            "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else {},
+        }
+        _atomic_torch_save(trainer_state, tmp / "backbone_optimizer.pt")
+    _barrier(group)
+    if rank == 0:
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "position": position,
+            "world_size": world,
+            "num_classes": head.num_classes,
+            "num_subcenters": head.num_subcenters,
+            "embedding_size": head.embedding_size,
+            "backbone": {"name": backbone_name, "kwargs": backbone_kwargs},
+            "head_shards": [
+                {"file": f"head_rank{r:05d}.pt", **_shard_range(head.num_classes, world, r)}
+                for r in range(world)
+            ],
+            "config": config_dict,
+        }
+        _atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(root / "latest", final.name + "\n")
+        _prune(root, keep_last)
+    _barrier(group)
+    return final
+
+
+def _shard_range(num_classes: int, world: int, rank: int) -> dict:
+    from partialfc.distributed.shards import class_shard
+
+    shard = class_shard(num_classes, world, rank)
+    return {"class_start": shard.class_start, "num_local": shard.num_local}
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _barrier(group) -> None:
+    if collectives.is_distributed(group):
+        torch.distributed.barrier(group=group)
+
+
+# ---------------------------------------------------------------------------- loading
+def check_compatible(manifest: dict, *, num_classes: int, num_subcenters: int, embedding_size: int,
+                     backbone_name: str, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint of another model, naming every field that differs."""
+    expected = {"num_classes": num_classes, "num_subcenters": num_subcenters,
+                "embedding_size": embedding_size, "backbone": backbone_name}
+    found = {"num_classes": manifest["num_classes"], "num_subcenters": manifest["num_subcenters"],
+             "embedding_size": manifest["embedding_size"], "backbone": manifest["backbone"]["name"]}
+    diffs = [f"{k}: checkpoint has {found[k]!r}, config has {expected[k]!r}" for k in expected if found[k] != expected[k]]
+    if diffs:
+        raise CheckpointError(f"{where} is from another model: " + "; ".join(diffs))
+
+
+def load_head_rows(step_dir: Path, manifest: dict, class_start: int, num_local: int, num_subcenters: int):
+    """Rows ``[class_start, class_start + num_local)`` of the centers and of their optimizer state,
+    copied from whichever saved shards overlap (any saved world size)."""
+    pieces, state_pieces = [], {}
+    end = class_start + num_local
+    for shard in manifest["head_shards"]:
+        lo, hi = shard["class_start"], shard["class_start"] + shard["num_local"]
+        if hi <= class_start or lo >= end:
+            continue
+        data = _load(step_dir / shard["file"])
+        if data.get("format") != HEAD_FORMAT or data["class_start"] != lo:
+            raise CheckpointError(f"{step_dir / shard['file']}: not the head shard the manifest describes")
+        first, last = (max(lo, class_start) - lo) * num_subcenters, (min(hi, end) - lo) * num_subcenters
+        pieces.append(data["weight"][first:last])
+        for key, value in data["optimizer_rows"].items():
+            state_pieces.setdefault(key, []).append(value[first:last])
+    weight = torch.cat(pieces)
+    if weight.shape[0] != num_local * num_subcenters:
+        raise CheckpointError(f"{step_dir}: head shards do not cover classes [{class_start}, {end})")
+    return weight, {k: torch.cat(v) for k, v in state_pieces.items()}
+
+
+def load_centers(path: str | os.PathLike) -> torch.Tensor:
+    """The full center matrix ``(num_classes, K, D)`` gathered from every shard file."""
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    weight, _ = load_head_rows(step_dir, manifest, 0, manifest["num_classes"], manifest["num_subcenters"])
+    return weight.view(manifest["num_classes"], manifest["num_subcenters"], manifest["embedding_size"])
+
+
+def load_checkpoint(path: str | os.PathLike, *, backbone, head, backbone_optimizer, head_optimizer,
+                    schedulers: dict, scaler=None, backbone_name: str) -> dict:
+    """Restore a training state in place (onto any world size); returns the manifest."""
+    from partialfc.models.inference import load_backbone_state_into
+
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    check_compatible(manifest, num_classes=head.num_classes, num_subcenters=head.num_subcenters,
+                     embedding_size=head.embedding_size, backbone_name=backbone_name, where=str(step_dir))
+    load_backbone_state_into(backbone, step_dir / "backbone.pt")
+    weight, rows = load_head_rows(step_dir, manifest, head.class_start, head.num_local, head.num_subcenters)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    trainer_state = _load(step_dir / "backbone_optimizer.pt")
+    backbone_optimizer.load_state_dict(trainer_state["backbone_optimizer"])
+    for group, saved in zip(head_optimizer.param_groups, trainer_state["head_optimizer_groups"]):
+        group.update(saved)
+    if rows:
+        head_optimizer.state[head.weight] = {k: v.to(head.weight.device) for k, v in rows.items()}
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(trainer_state["schedulers"][name])
+    if scaler is not None and trainer_state["scaler"]:
+        scaler.load_state_dict(trainer_state["scaler"])
+    rank = collectives.rank(head.process_group)
+    rng_file = step_dir / f"rng_rank{rank:05d}.pt"
+    if manifest["world_size"] == collectives.world_size(head.process_group) and rng_file.is_file():
+        rng = _load(rng_file)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        head.load_sampler_state(rng["sampler"].to(head.sampler_state().device))
+    return manifest

@@ -1,0 +1,29 @@
+"""Training data sources behind one small interface (``BatchSource``)."""
+from __future__ import annotations
+
+from partialfc.data.base import Batch, BatchSource
+
+
+def build_source(data, *, rank: int, world_size: int, seed: int, device: str = "cpu") -> BatchSource:
+    """The ``BatchSource`` selected by a ``DataConfig`` (``data.format``)."""
+    num_classes = data.num_classes or None
+    if data.format == "synthetic":
+        from partialfc.data.synthetic import SyntheticSource
+
+        return SyntheticSource(data.num_classes, data.batch_size, rank, world_size, seed=seed,
+                               num_samples=data.num_samples, noise=data.noise)
+    if not data.path:
+        raise ValueError(f"data.path must be set for data.format = {data.format!r}")
+    if data.format == "image_folder":
+        from partialfc.data.image_folder import ImageFolderSource
+
+        return ImageFolderSource(data.path, data.batch_size, rank, world_size, seed, data.num_workers, num_classes)
+    if data.format == "recordio":
+        from partialfc.data.recordio_source import build_recordio_source
+
+        return build_recordio_source(data.path, data.batch_size, rank, world_size, seed, data.num_workers,
+                                     data.loader, data.skip_corrupt, num_classes, device)
+    raise ValueError(f"unknown data.format {data.format!r}")
+
+
+__all__ = ["Batch", "BatchSource", "build_source"]

@@ -1,0 +1,66 @@
+"""Process-group set-up from the torchrun environment, and device choice.
+
+Nothing happens at import: ``init_runtime`` is called by the entrypoint only. Under
+``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) it initializes the default
+group -- nccl on CUDA, gloo on CPU unless overridden; without it, one process runs
+with no group and every collective in the package is the identity.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _choose_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device = 'cuda' but no CUDA device is available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    if device != "cpu":
+        raise ValueError(f"train.device must be auto, cuda or cpu, got {device!r}")
+    return torch.device("cpu")
+
+
+def init_runtime(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = _choose_device(device, local_rank)
+    if world_size == 1:
+        return Runtime(0, 0, 1, chosen, None)
+    if backend == "auto":
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+    if backend == "nccl" and chosen.type != "cuda":
+        raise ValueError("train.backend = 'nccl' needs CUDA devices; use gloo on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=chosen if chosen.type == "cuda" else None,
+        )
+    return Runtime(dist.get_rank(), local_rank, dist.get_world_size(), chosen, backend)
+
+
+def shutdown_runtime() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

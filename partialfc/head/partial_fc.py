@@ -1,0 +1,194 @@
+"""PartialFC: the model-parallel, sampled, sub-center margin softmax head.
+
+One step on every rank (DESIGN.md section 2):
+
+1. normalize the local embeddings, all-gather them (differentiable) and the labels;
+2. sample this rank's classes (all of them at ``sample_rate == 1``);
+3. compute, for the kept centers only, each row's local log-sum-exp and (where this
+   rank owns the target) the margined target logit -- by the fused kernel, its
+   chunked torch twin, or the naive full-logit baseline;
+4. combine across ranks: ``lse = log sum_r exp(lse_r)``, ``t = sum_r t_r``; the loss is
+   ``mean(lse - t)`` over the global batch, identical on every rank.
+
+The centers' gradient is row-sparse (only kept rows), so the optimizer in
+``partialfc.optim`` touches only those rows and their momentum.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from partialfc.distributed import collectives
+from partialfc.distributed.shards import class_shard
+from partialfc.head.margins import CombinedMargin
+from partialfc.head.sampling import sample_classes, target_positions
+
+HEAD_IMPLS = ("auto", "triton", "torch", "naive")
+
+
+class PartialFC(nn.Module):
+    """This rank's shard of the class centers and the distributed margin softmax.
+
+    ``weight`` is ``(num_local * K, embedding_size)``, row ``c * K + k`` is sub-center
+    ``k`` of local class ``c`` (global id ``class_start + c``).
+    """
+
+    def __init__(
+        self,
+        margin: CombinedMargin,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        num_subcenters: int = 1,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        impl: str = "auto",
+        chunk_size: Optional[int] = None,
+        seed: int = 0,
+        init_std: float = 0.01,
+        check_labels: bool = True,
+        shard_of: Optional[tuple[int, int]] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(margin, CombinedMargin):
+            raise TypeError(f"margin must be a CombinedMargin, got {type(margin).__name__}")
+        if not isinstance(embedding_size, int) or embedding_size <= 0:
+            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+        if not isinstance(num_subcenters, int) or num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be an int >= 1, got {num_subcenters!r}")
+        if not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if impl not in HEAD_IMPLS:
+            raise ValueError(f"head impl must be one of {HEAD_IMPLS}, got {impl!r}")
+        self.margin = margin
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.sample_rate = float(sample_rate)
+        self.num_subcenters = num_subcenters
+        self.process_group = process_group
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.check_labels = check_labels
+
+        self.world_size = collectives.world_size(process_group)
+        self.rank = collectives.rank(process_group)
+        if shard_of is not None:
+            # (rank, world_size) of a layout to build without a process group: tools
+            # and tests that inspect one shard of a larger job. Forward needs the group.
+            if collectives.is_distributed(process_group):
+                raise ValueError("shard_of is only for use without a process group")
+            self.rank, self.world_size = shard_of
+        shard = class_shard(num_classes, self.world_size, self.rank)  # raises if C < W
+        self.class_start = shard.class_start
+        self.num_local = shard.num_local
+
+        # Seeded by (seed, rank) so a run is reproducible without building the full matrix.
+        init_generator = torch.Generator().manual_seed(seed * 100003 + self.rank)
+        weight = torch.randn(self.num_local * num_subcenters, embedding_size, generator=init_generator)
+        self.weight = nn.Parameter(weight * init_std)
+        # Sampling stream, per rank; saved in checkpoints so a resumed run samples alike.
+        self.sampling_generator: Optional[torch.Generator] = None
+        self.sampling_seed = seed * 100003 + 7919 + self.rank
+        self.last_num_sampled = self.num_local
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        return (
+            f"classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}), "
+            f"K={self.num_subcenters}, D={self.embedding_size}, sample_rate={self.sample_rate}, "
+            f"impl={self.impl}, margin={self.margin}"
+        )
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.sampling_generator is None or self.sampling_generator.device != device:
+            self.sampling_generator = torch.Generator(device=device).manual_seed(self.sampling_seed)
+        return self.sampling_generator
+
+    def sampler_state(self) -> torch.Tensor:
+        return self._generator(self.weight.device).get_state()
+
+    def load_sampler_state(self, state: torch.Tensor) -> None:
+        self._generator(self.weight.device).set_state(state)
+
+    def _validate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must be (batch, {self.embedding_size}), got shape {tuple(embeddings.shape)}"
+            )
+        if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must be (batch,) = ({embeddings.shape[0]},), got shape {tuple(labels.shape)}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if self.check_labels and labels.numel() > 0:
+            # One host sync, deliberately: a label out of range would otherwise
+            # silently train the wrong class or index out of bounds in a kernel.
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                bad = low if low < 0 else high
+                raise ValueError(f"label {bad} is outside [0, {self.num_classes}) (num_classes)")
+
+    def _gather(self, normalized: torch.Tensor, labels: torch.Tensor):
+        """All-gather embeddings and labels; pads when ranks hold different batch sizes."""
+        group = self.process_group
+        if not collectives.is_distributed(group):
+            return normalized, labels
+        local_size = torch.tensor([normalized.shape[0]], device=normalized.device)
+        # One tiny collective + host sync: the last batch of an epoch may differ in size
+        # between ranks, and all_gather needs equal shapes.
+        sizes = collectives.all_gather_no_grad(local_size, group).tolist()
+        max_size = max(sizes)
+        if max_size == min(sizes):
+            return collectives.all_gather_with_grad(normalized, group), collectives.all_gather_no_grad(labels, group)
+        pad = max_size - normalized.shape[0]
+        padded = F.pad(normalized, (0, 0, 0, pad))
+        padded_labels = F.pad(labels, (0, pad), value=-1)
+        gathered = collectives.all_gather_with_grad(padded, group)
+        gathered_labels = collectives.all_gather_no_grad(padded_labels, group)
+        valid = torch.cat([torch.arange(max_size, device=labels.device) < s for s in sizes])
+        return gathered[valid], gathered_labels[valid]
+
+    def _stats_fn(self):
+        from partialfc import kernels  # lazy: triton is optional
+
+        if self.impl == "naive":
+            from partialfc.kernels.margin_softmax_ref import margin_softmax_stats_naive
+
+            return margin_softmax_stats_naive
+        return lambda *args, **kw: kernels.margin_softmax_stats(*args, impl=self.impl, **kw)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean margin-softmax loss over the global batch; the same value on every rank."""
+        self._validate(embeddings, labels)
+        labels = labels.to(device=embeddings.device, dtype=torch.long)
+        normalized = F.normalize(embeddings.float(), dim=1)
+        all_embeddings, all_labels = self._gather(normalized, labels)
+        if all_labels.numel() == 0:
+            raise ValueError("the global batch is empty on every rank")
+
+        device = all_labels.device
+        if self.sample_rate < 1.0:
+            local = all_labels - self.class_start
+            owned = (local >= 0) & (local < self.num_local)
+            positives = torch.unique(local[owned])
+            class_index = sample_classes(positives, self.num_local, self.sample_rate, self._generator(device))
+        else:
+            class_index = torch.arange(self.num_local, device=device)
+        self.last_class_index = class_index  # for metrics and tests; no copy
+        self.last_num_sampled = class_index.numel()
+        positions = target_positions(all_labels, self.class_start, self.num_local, class_index)
+
+        stats = self._stats_fn()
+        kwargs = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
+        local_lse, local_target = stats(
+            all_embeddings, self.weight, class_index, positions, self.num_subcenters, self.margin, **kwargs
+        )
+        lse = collectives.global_logsumexp(local_lse, self.process_group)
+        target = collectives.sum_across_ranks_local_grad(local_target, self.process_group)
+        return (lse - target).mean()

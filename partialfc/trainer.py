@@ -1,0 +1,217 @@
+"""The order of events in a training run; no parallel logic lives here.
+
+Build (data -> backbone -> head -> optimizers -> schedule), optionally resume, then for
+each step: forward the backbone (DDP), the Partial FC head (model-parallel), backward,
+clip, step both optimizers and schedules, log, checkpoint, evaluate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from partialfc import checkpoint as ckpt
+from partialfc.config import Config, config_to_dict, dump_config
+from partialfc.data import build_source
+from partialfc.distributed.parallelize import unwrap, wrap_backbone
+from partialfc.distributed.runtime import Runtime
+from partialfc.head import CombinedMargin, PartialFC
+from partialfc.models import build_backbone
+from partialfc.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("partialfc.train")
+
+
+def build_margin(head_cfg) -> CombinedMargin:
+    overrides = {k: getattr(head_cfg, k) for k in ("scale", "m1", "m2", "m3") if getattr(head_cfg, k) is not None}
+    return CombinedMargin.preset(head_cfg.margin, **overrides)
+
+
+def backbone_kwargs(cfg: Config) -> dict:
+    return {
+        "embedding_size": cfg.model.embedding_size,
+        "dropout": cfg.model.dropout,
+        "amp_dtype": None if cfg.train.amp == "none" else cfg.train.amp,
+    }
+
+
+def build_head(cfg: Config, num_classes: int, process_group=None) -> PartialFC:
+    return PartialFC(
+        build_margin(cfg.head), cfg.model.embedding_size, num_classes,
+        sample_rate=cfg.head.sample_rate, num_subcenters=cfg.head.num_subcenters,
+        process_group=process_group, impl=cfg.head.impl, chunk_size=cfg.head.chunk_size, seed=cfg.train.seed,
+    )
+
+
+class Trainer:
+    """Holds the built objects of one run and drives the step loop."""
+
+    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.device = runtime.device
+        self.output = Path(cfg.train.output)
+        torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
+
+        self.source = build_source(cfg.data, rank=runtime.rank, world_size=runtime.world_size,
+                                   seed=cfg.train.seed, device=self.device.type)
+        if cfg.data.num_classes and self.source.num_classes != cfg.data.num_classes:
+            raise ValueError(f"data.num_classes = {cfg.data.num_classes} but the data has {self.source.num_classes}")
+        self.num_classes = self.source.num_classes
+        self.steps_per_epoch = len(self.source)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the data yields no full batch per rank; lower data.batch_size")
+
+        self.backbone_kwargs = backbone_kwargs(cfg)
+        self.backbone = build_backbone(cfg.model.backbone, **self.backbone_kwargs).to(self.device)
+        self.model = wrap_backbone(self.backbone, self.device)
+        self.head = build_head(cfg, self.num_classes).to(self.device)
+
+        o = cfg.optim
+        global_batch = cfg.data.batch_size * runtime.world_size
+        self.base_lr = o.lr * global_batch / o.lr_reference_batch
+        common = dict(momentum=o.momentum, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+        self.backbone_optimizer = build_optimizer(o.name, self.backbone.parameters(), lr=self.base_lr, **common)
+        self.head_optimizer = build_optimizer(o.name, self.head.parameters(), lr=self.base_lr * cfg.head.lr_scale,
+                                              row_sparse=True, **common)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        warmup = int(o.warmup_epochs * self.steps_per_epoch)
+        self.schedulers = {
+            name: build_scheduler(opt, total_steps=self.total_steps, warmup_steps=warmup,
+                                  schedule=o.schedule, poly_power=o.poly_power)
+            for name, opt in (("backbone", self.backbone_optimizer), ("head", self.head_optimizer))
+        }
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+
+    # ------------------------------------------------------------------ state
+    def _position(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_in_epoch": self.batch_in_epoch * self.cfg.data.batch_size * self.runtime.world_size}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.output, step=self.step, position=self._position(), config_dict=config_to_dict(self.cfg),
+            backbone_name=self.cfg.model.backbone, backbone_kwargs=self.backbone_kwargs,
+            backbone=self.backbone, head=self.head, backbone_optimizer=self.backbone_optimizer,
+            head_optimizer=self.head_optimizer, schedulers=self.schedulers, scaler=self.scaler,
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def maybe_resume(self) -> Optional[Path]:
+        resume = self.cfg.train.resume
+        if not resume:
+            return None
+        path = ckpt.find_latest(self.output) if resume == "auto" else ckpt.resolve_checkpoint(resume)
+        if path is None:
+            return None
+        manifest = ckpt.load_checkpoint(
+            path, backbone=self.backbone, head=self.head, backbone_optimizer=self.backbone_optimizer,
+            head_optimizer=self.head_optimizer, schedulers=self.schedulers, scaler=self.scaler,
+            backbone_name=self.cfg.model.backbone,
+        )
+        self.step = manifest["step"]
+        position = manifest["position"]
+        global_batch = self.cfg.data.batch_size * self.runtime.world_size
+        # Samples, not batches: the world size (so batches per epoch) may have changed.
+        self.epoch = position["epoch"]
+        self.batch_in_epoch = position["samples_in_epoch"] // global_batch
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.runtime.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                     self.batch_in_epoch)
+        return path
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.model.train()
+        embeddings = self.model(images)
+        loss = self.head(embeddings, labels)
+        self.backbone_optimizer.zero_grad(set_to_none=True)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.backbone_optimizer)
+        else:
+            loss.backward()
+        if self.cfg.optim.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.clip_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.backbone_optimizer)
+            self.scaler.step(self.head_optimizer)
+            self.scaler.update()
+        else:
+            self.backbone_optimizer.step()
+            self.head_optimizer.step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        return loss.detach()
+
+    # ------------------------------------------------------------------ loop
+    def _write_start_files(self) -> None:
+        if not self.runtime.is_main:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / "config.toml").write_text(dump_config(self.cfg))
+        log.info("run %s: %d ranks on %s, %d classes (%d per rank), %d steps/epoch, %d steps",
+                 self.cfg.name, self.runtime.world_size, self.device, self.num_classes, self.head.num_local,
+                 self.steps_per_epoch, self.stop_step)
+
+    def train(self) -> dict:
+        self.maybe_resume()
+        self._write_start_files()
+        metrics_file = self.output / "metrics.jsonl"
+        cfg = self.cfg.train
+        started, window_start, window_steps = time.time(), time.time(), 0
+        last_loss = float("nan")
+        while self.step < self.stop_step and self.epoch < cfg.epochs:
+            for images, labels in self.source.epoch(self.epoch, self.batch_in_epoch):
+                loss = self.train_step(images, labels)
+                self.step += 1
+                self.batch_in_epoch += 1
+                window_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == self.stop_step:
+                    last_loss = float(loss)  # host sync, only on log steps
+                    now = time.time()
+                    images_per_s = window_steps * self.cfg.data.batch_size * self.runtime.world_size / (now - window_start)
+                    self._log_step(metrics_file, last_loss, images_per_s, now - started)
+                    window_start, window_steps = now, 0
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                self._maybe_evaluate()
+                if self.step >= self.stop_step:
+                    break
+            else:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        final = self.save()
+        self.source.close()
+        return {"step": self.step, "loss": last_loss, "checkpoint": str(final)}
+
+    def _log_step(self, metrics_file: Path, loss: float, images_per_s: float, elapsed: float) -> None:
+        if not self.runtime.is_main:
+            return
+        lr = self.schedulers["backbone"].get_last_lr()[0]
+        remaining = (self.stop_step - self.step) * elapsed / max(1, self.step)
+        log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %ds",
+                 self.step, self.stop_step, self.epoch, loss, lr, images_per_s, remaining)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
+                                "images_per_s": images_per_s}) + "\n")
+
+    def _maybe_evaluate(self) -> None:
+        every = self.cfg.eval.every
+        if not every or not self.cfg.eval.sets or self.step % every:
+            return
+        from partialfc.eval.during_training import evaluate_during_training
+
+        evaluate_during_training(self)

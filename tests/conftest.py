@@ -1,0 +1,5 @@
+"""Shared test set-up: make ``tests/`` importable for the helper modules."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
