@@ -64,8 +64,10 @@ def step_dir_name(step: int) -> str:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A step directory from a step directory or a checkpoints root with ``latest``."""
+    """A step directory from a step directory, a checkpoints root or a run directory."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
     if (path / "manifest.json").is_file():
         return path
     for root in (path, path / "checkpoints"):
@@ -269,3 +271,54 @@ def load_checkpoint(path: str | os.PathLike, *, backbone, head, backbone_optimiz
             torch.cuda.set_rng_state(rng["cuda"])
         head.load_sampler_state(rng["sampler"].to(head.sampler_state().device))
     return manifest
+
+
+# ---------------------------------------------------------------------------- CLI
+def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write one file holding the full ``(C, K, D)`` center matrix and the backbone."""
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    backbone = _load(step_dir / "backbone.pt")
+    _atomic_torch_save({
+        "format": "partialfc-consolidated/1",
+        "step": manifest["step"],
+        "num_classes": manifest["num_classes"],
+        "num_subcenters": manifest["num_subcenters"],
+        "embedding_size": manifest["embedding_size"],
+        "centers": load_centers(step_dir),
+        "backbone": backbone,
+    }, out)
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m partialfc.checkpoint",
+                                     description="Inspect and convert partialfc checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cons = sub.add_parser("consolidate", help="write one file with the full center matrix (+ backbone)")
+    cons.add_argument("checkpoint", help="step directory, checkpoints root or run directory")
+    cons.add_argument("out", help="output .pt file")
+    info = sub.add_parser("info", help="print the manifest (without the config)")
+    info.add_argument("checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "consolidate":
+            out = consolidate(args.checkpoint, args.out)
+            print(f"wrote {out}")
+        else:
+            manifest = read_manifest(args.checkpoint)
+            manifest.pop("config", None)
+            print(json.dumps(manifest, indent=2))
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

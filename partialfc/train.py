@@ -39,15 +39,25 @@ def main(argv=None) -> int:
     from partialfc.distributed.runtime import init_runtime, shutdown_runtime
     from partialfc.trainer import Trainer
 
-    runtime = init_runtime(cfg.train.device, cfg.train.backend)
+    try:
+        runtime = init_runtime(cfg.train.device, cfg.train.backend)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if runtime.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {runtime.rank}] %(message)s", datefmt="%H:%M:%S",
     )
     try:
-        summary = Trainer(cfg, runtime).train()
+        trainer = Trainer(cfg, runtime)
+        trainer.install_signal_handlers()
+        summary = trainer.train()
         if runtime.is_main:
             logging.getLogger("partialfc.train").info("done: %s", summary)
+    except ValueError as exc:
+        # Bad data, a label out of range, a checkpoint of another model: say what, no traceback.
+        print(f"error [rank {runtime.rank}]: {exc}", file=sys.stderr)
+        return 2
     finally:
         shutdown_runtime()
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -90,6 +91,29 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self._stop_signal: Optional[int] = None
+        self.best_accuracy: dict = {}
+        self.metrics = None  # TrainingMetrics when enabled
+
+    # ------------------------------------------------------------------ preemption
+    def install_signal_handlers(self) -> None:
+        """SIGUSR1 (SLURM's warning before preemption) and SIGTERM: checkpoint, then exit."""
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, request_stop)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got a stop signal.
+
+        A signal reaches ranks at different moments; the tiny all-reduce makes them
+        agree on the step to stop after, so the checkpoint is collective-safe.
+        """
+        flag = torch.tensor([0 if self._stop_signal is None else 1], device=self.device)
+        if self.runtime.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())  # host sync, one per step, for preemption safety
 
     # ------------------------------------------------------------------ state
     def _position(self) -> dict:
@@ -189,6 +213,11 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 self._maybe_evaluate()
+                if self._stop_requested():
+                    final = self.save()
+                    log.warning("stop signal received: checkpointed step %d to %s, exiting", self.step, final)
+                    self.source.close()
+                    return {"step": self.step, "loss": last_loss, "checkpoint": str(final), "preempted": True}
                 if self.step >= self.stop_step:
                     break
             else:

@@ -1,0 +1,177 @@
+"""End-to-end training through the real entrypoint on 2 gloo CPU ranks.
+
+The loss of the demo falls; a resumed run reproduces the uninterrupted run's losses
+step for step; a run killed with SIGKILL leaves only complete checkpoints; a
+checkpoint of another model is refused by name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.backbone=mobilefacenet_tiny", "model.embedding_size=64", "data.num_classes=13", "data.batch_size=8",
+    "data.num_samples=400", "train.log_every=1", "head.sample_rate=0.5", "head.scale=16.0", "optim.warmup_epochs=0.1",
+]
+
+
+def train(output, *overrides, nproc=2, check=True, **popen):
+    args = [a for o in TINY + list(overrides) for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "partialfc.train", str(ROOT / "configs" / "demo.toml"), "--set", f"train.output={output}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                **popen)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def losses(output):
+    lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_demo_loss_falls(tmp_path):
+    train(tmp_path / "demo", "train.max_steps=24", "train.log_every=4")
+    recorded = losses(tmp_path / "demo")
+    assert [s for s, _ in recorded] == [4, 8, 12, 16, 20, 24]
+    assert recorded[-1][1] < 0.5 * recorded[0][1], recorded
+    assert (tmp_path / "demo" / "config.toml").is_file()
+    assert (tmp_path / "demo" / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(full, "train.max_steps=6")
+    train(part, "train.max_steps=3")
+    train(part, "train.max_steps=6", "train.resume=auto")
+    uninterrupted, resumed = losses(full), losses(part)
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]  # no duplicate or skipped step
+    for (step_a, loss_a), (step_b, loss_b) in zip(uninterrupted, resumed):
+        assert step_a == step_b
+        assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-6), (step_a, loss_a, loss_b)
+
+
+def test_sigkill_leaves_only_complete_checkpoints(tmp_path):
+    output = tmp_path / "killed"
+    proc = train(output, "train.checkpoint_every=1", "train.max_steps=200", "train.keep_last=2",
+                 start_new_session=True)
+    latest = output / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.3)  # land somewhere inside a later save
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = [p for p in (output / "checkpoints").iterdir() if p.name.startswith("step_")]
+    complete = [p for p in steps if not p.name.endswith(".tmp")]
+    assert complete, steps
+    for step_dir in complete:
+        names = {p.name for p in step_dir.iterdir()}
+        assert {"manifest.json", "backbone.pt", "backbone_optimizer.pt", "head_rank00000.pt",
+                "head_rank00001.pt"} <= names, names
+        assert not any(n.endswith(".partial") for n in names)
+    from partialfc.checkpoint import find_latest, load_centers
+
+    newest = find_latest(output)
+    assert newest is not None and newest in complete
+    assert load_centers(newest).shape == (13, 1, 64)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    output = tmp_path / "a"
+    train(output, "train.max_steps=1", nproc=1)
+    result = train(output, "train.max_steps=2", "train.resume=auto", "data.num_classes=17", nproc=1, check=False)
+    assert result.returncode != 0
+    assert "num_classes: checkpoint has 13, config has 17" in result.stderr
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path):
+    output = tmp_path / "preempted"
+    proc = train(output, "train.max_steps=500", start_new_session=True)
+    metrics = output / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.2)
+    # torchrun forwards SIGTERM to its workers (SLURM's preemption signal; the sbatch
+    # script turns SIGUSR1 into this); each checkpoints after its current step.
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) is not None
+    from partialfc.checkpoint import read_manifest
+
+    last_logged = losses(output)[-1][0]
+    manifest = read_manifest(output)
+    assert manifest["step"] >= last_logged and manifest["step"] < 500
+
+
+def test_resume_on_another_world_size_recuts_shards(tmp_path):
+    from partialfc.checkpoint import load_centers, load_head_rows, read_manifest, resolve_checkpoint
+
+    three = tmp_path / "three"
+    train(three, "train.max_steps=2", nproc=3)
+    before = load_centers(three)
+    old_dir = resolve_checkpoint(three)
+    old_manifest = read_manifest(old_dir)
+    _, old_rows = load_head_rows(old_dir, old_manifest, 0, 13, 1)
+    # Resume on 2 ranks at the same step: no step is taken, the final save re-cuts.
+    train(three, "train.max_steps=2", "train.resume=auto", nproc=2)
+    new_dir = resolve_checkpoint(three)
+    new_manifest = read_manifest(new_dir)
+    assert new_manifest["world_size"] == 2 and len(new_manifest["head_shards"]) == 2
+    assert [s["num_local"] for s in new_manifest["head_shards"]] == [7, 6]
+    torch.testing.assert_close(load_centers(three), before, rtol=0, atol=0)
+    _, new_rows = load_head_rows(new_dir, new_manifest, 0, 13, 1)
+    assert set(new_rows) == set(old_rows) == {"momentum_buffer"}
+    torch.testing.assert_close(new_rows["momentum_buffer"], old_rows["momentum_buffer"], rtol=0, atol=0)
+
+
+def make_synthetic_bin(path, pairs=40):
+    """Pairs of synthetic faces: same identity (other noise) or different identities."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from partialfc.data.synthetic import synthetic_image
+    from partialfc.eval.bin_format import write_bin
+
+    def jpeg(image):
+        pixels = (image.permute(1, 2, 0).numpy() * 128 + 127.5).clip(0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+
+    bins, issame = [], []
+    for p in range(pairs):
+        same = p % 2 == 0
+        a, b = p % 13, (p % 13 if same else (p + 5) % 13)
+        bins += [jpeg(synthetic_image(0, a, 10_000 + 2 * p, 0.5)), jpeg(synthetic_image(0, b, 10_001 + 2 * p, 0.5))]
+        issame.append(same)
+    write_bin(path, bins, issame)
+
+
+def test_evaluation_inside_two_rank_training(tmp_path):
+    bin_path = tmp_path / "synth.bin"
+    make_synthetic_bin(bin_path)
+    output = tmp_path / "eval"
+    train(output, "train.max_steps=8", f'eval.sets=["{bin_path}"]', "eval.every=4")
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    for record in evals:
+        accuracy = record["eval"]["synth"]["accuracy"]
+        assert 0.0 <= accuracy <= 1.0
+        assert record["best"]["synth"] >= accuracy
+    assert evals[-1]["best"]["synth"] == max(r["eval"]["synth"]["accuracy"] for r in evals)
