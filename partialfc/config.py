@@ -141,6 +141,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    """Collect Prometheus metrics (served only when port_base > 0)."""
+    host: str = "127.0.0.1"
+    """Interface of the metrics endpoint; loopback unless you mean to expose it."""
+    port_base: int = 0
+    """Rank with local rank L serves on port_base + L; 0 serves nothing."""
+    tensorboard: bool = False
+    """Write TensorBoard scalars to OUTPUT/tensorboard (rank 0)."""
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     """Experiment name (e.g. ms1mv3_r100), used in logs."""
@@ -150,6 +162,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 CHOICES = {

@@ -49,9 +49,7 @@ def main(argv=None) -> int:
         format=f"%(asctime)s [rank {runtime.rank}] %(message)s", datefmt="%H:%M:%S",
     )
     try:
-        trainer = Trainer(cfg, runtime)
-        trainer.install_signal_handlers()
-        summary = trainer.train()
+        summary = Trainer(cfg, runtime).train()
         if runtime.is_main:
             logging.getLogger("partialfc.train").info("done: %s", summary)
     except ValueError as exc:

@@ -54,6 +54,8 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime) -> None:
         self.cfg = cfg
         self.runtime = runtime
+        self._stop_signal: Optional[int] = None
+        self.install_signal_handlers()  # first: a preemption during start-up still checkpoints
         self.device = runtime.device
         self.output = Path(cfg.train.output)
         torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
@@ -91,7 +93,6 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self._stop_signal: Optional[int] = None
         self.best_accuracy: dict = {}
         self.metrics = None  # TrainingMetrics when enabled
 
@@ -121,6 +122,12 @@ class Trainer:
                 "samples_in_epoch": self.batch_in_epoch * self.cfg.data.batch_size * self.runtime.world_size}
 
     def save(self) -> Path:
+        path = self._save()
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint(self.step)
+        return path
+
+    def _save(self) -> Path:
         return ckpt.save_checkpoint(
             self.output, step=self.step, position=self._position(), config_dict=config_to_dict(self.cfg),
             backbone_name=self.cfg.model.backbone, backbone_kwargs=self.backbone_kwargs,
@@ -155,7 +162,8 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ step
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
+        """One optimizer step; returns ``(loss, backbone grad norm or None)`` as tensors."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         self.model.train()
@@ -168,8 +176,9 @@ class Trainer:
             self.scaler.unscale_(self.backbone_optimizer)
         else:
             loss.backward()
+        grad_norm = None
         if self.cfg.optim.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.clip_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.clip_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.backbone_optimizer)
             self.scaler.step(self.head_optimizer)
@@ -179,7 +188,7 @@ class Trainer:
             self.head_optimizer.step()
         for scheduler in self.schedulers.values():
             scheduler.step()
-        return loss.detach()
+        return loss.detach(), grad_norm
 
     # ------------------------------------------------------------------ loop
     def _write_start_files(self) -> None:
@@ -191,25 +200,54 @@ class Trainer:
                  self.cfg.name, self.runtime.world_size, self.device, self.num_classes, self.head.num_local,
                  self.steps_per_epoch, self.stop_step)
 
+    def _build_metrics(self):
+        from partialfc.metrics import TrainingMetrics
+
+        m = self.cfg.metrics
+        return TrainingMetrics(
+            rank=self.runtime.rank, local_rank=self.runtime.local_rank, host=m.host, port_base=m.port_base,
+            tensorboard_dir=str(self.output / "tensorboard") if m.tensorboard else None, enabled=m.enabled,
+        )
+
     def train(self) -> dict:
         self.maybe_resume()
         self._write_start_files()
+        self.metrics = self._build_metrics() if self.cfg.metrics.enabled else None
+        try:
+            return self._train_loop()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _train_loop(self) -> dict:
         metrics_file = self.output / "metrics.jsonl"
         cfg = self.cfg.train
         started, window_start, window_steps = time.time(), time.time(), 0
         last_loss = float("nan")
         while self.step < self.stop_step and self.epoch < cfg.epochs:
-            for images, labels in self.source.epoch(self.epoch, self.batch_in_epoch):
-                loss = self.train_step(images, labels)
+            batches = iter(self.source.epoch(self.epoch, self.batch_in_epoch))
+            step_start = time.perf_counter()
+            for images, labels in batches:
+                data_wait = time.perf_counter() - step_start
+                loss, grad_norm = self.train_step(images, labels)
                 self.step += 1
                 self.batch_in_epoch += 1
                 window_steps += 1
-                if self.step % cfg.log_every == 0 or self.step == self.stop_step:
+                log_now = self.step % cfg.log_every == 0 or self.step == self.stop_step
+                if log_now:
                     last_loss = float(loss)  # host sync, only on log steps
                     now = time.time()
                     images_per_s = window_steps * self.cfg.data.batch_size * self.runtime.world_size / (now - window_start)
                     self._log_step(metrics_file, last_loss, images_per_s, now - started)
                     window_start, window_steps = now, 0
+                if self.metrics is not None:
+                    self.metrics.observe_step(
+                        step=self.step, loss=last_loss if log_now else None,
+                        lr=self.schedulers["backbone"].get_last_lr()[0], images=self.cfg.data.batch_size,
+                        step_seconds=time.perf_counter() - step_start, data_wait_seconds=data_wait,
+                        grad_norm=float(grad_norm) if (log_now and grad_norm is not None) else None,
+                        num_sampled_classes=self.head.last_num_sampled,
+                    )
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 self._maybe_evaluate()
@@ -220,6 +258,7 @@ class Trainer:
                     return {"step": self.step, "loss": last_loss, "checkpoint": str(final), "preempted": True}
                 if self.step >= self.stop_step:
                     break
+                step_start = time.perf_counter()
             else:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         final = self.save()

@@ -175,3 +175,42 @@ def test_evaluation_inside_two_rank_training(tmp_path):
         assert 0.0 <= accuracy <= 1.0
         assert record["best"]["synth"] >= accuracy
     assert evals[-1]["best"]["synth"] == max(r["eval"]["synth"]["accuracy"] for r in evals)
+
+
+def test_metrics_scraped_during_two_rank_run(tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from spawn import free_port
+
+    port_base = free_port()
+    while port_base + 1 > 65535:
+        port_base = free_port()
+    output = tmp_path / "metrics"
+    proc = train(output, "train.max_steps=400", f"metrics.port_base={port_base}", start_new_session=True)
+    seen = {}
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(seen) < 2:
+            for rank in (0, 1):
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port_base + rank}/metrics", timeout=2).read()
+                except OSError:
+                    continue
+                samples = {s.name: s.value for f in text_string_to_metric_families(text.decode())
+                           for s in f.samples if s.labels.get("rank") == str(rank)}
+                if samples.get("partialfc_step", 0) >= 3:
+                    seen[rank] = samples
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert set(seen) == {0, 1}, "both ranks must serve metrics"
+    for rank, samples in seen.items():
+        assert samples["partialfc_images_total"] >= 3 * 8
+        num_local = 7 if rank == 0 else 6  # 13 classes on 2 ranks
+        # max(#positives, round(0.5 * n)): at least half the shard, never more than all of it.
+        assert round(0.5 * num_local) <= samples["partialfc_head_sampled_classes"] <= num_local
+        assert samples["partialfc_learning_rate"] > 0
+        assert samples["partialfc_step_seconds_count"] >= 3
+        assert samples["partialfc_cpu_memory_rss_bytes"] > 1e7
