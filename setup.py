@@ -8,17 +8,9 @@ torch keeps an open range here for users with their own CUDA build. On a machine
 without torch, install the pinned CPU wheel first (the Makefile does), or pip will
 pull a multi-GB CUDA build.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "partialfc",
-    "partialfc.head",
-    "partialfc.distributed",
-    "partialfc.models",
-    "partialfc.data",
-    "partialfc.eval",
-    "partialfc.kernels",
-]
+PACKAGES = find_packages(include=["partialfc", "partialfc.*"]) + ["partialfc.kernels"]
 
 setup(
     name="partialfc",

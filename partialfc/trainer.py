@@ -260,6 +260,9 @@ class Trainer:
                     break
                 step_start = time.perf_counter()
             else:
+                report = self.source.report()
+                if report and self.runtime.is_main:
+                    log.info("epoch %d data report: %s", self.epoch, report)
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         final = self.save()
         self.source.close()

@@ -17,7 +17,8 @@ def build_source(data, *, rank: int, world_size: int, seed: int, device: str = "
     if data.format == "image_folder":
         from partialfc.data.image_folder import ImageFolderSource
 
-        return ImageFolderSource(data.path, data.batch_size, rank, world_size, seed, data.num_workers, num_classes)
+        return ImageFolderSource(data.path, data.batch_size, rank, world_size, seed, data.num_workers, num_classes,
+                                 skip_corrupt=data.skip_corrupt)
     if data.format == "recordio":
         from partialfc.data.recordio_source import build_recordio_source
 

@@ -153,15 +153,6 @@ class PartialFC(nn.Module):
         valid = torch.cat([torch.arange(max_size, device=labels.device) < s for s in sizes])
         return gathered[valid], gathered_labels[valid]
 
-    def _stats_fn(self):
-        from partialfc import kernels  # lazy: triton is optional
-
-        if self.impl == "naive":
-            from partialfc.kernels.margin_softmax_ref import margin_softmax_stats_naive
-
-            return margin_softmax_stats_naive
-        return lambda *args, **kw: kernels.margin_softmax_stats(*args, impl=self.impl, **kw)
-
     # ------------------------------------------------------------------ forward
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean margin-softmax loss over the global batch; the same value on every rank."""
@@ -184,10 +175,11 @@ class PartialFC(nn.Module):
         self.last_num_sampled = class_index.numel()
         positions = target_positions(all_labels, self.class_start, self.num_local, class_index)
 
-        stats = self._stats_fn()
-        kwargs = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
-        local_lse, local_target = stats(
-            all_embeddings, self.weight, class_index, positions, self.num_subcenters, self.margin, **kwargs
+        from partialfc.kernels import margin_softmax_stats  # lazy: the Triton module is optional
+
+        local_lse, local_target = margin_softmax_stats(
+            all_embeddings, self.weight, class_index, positions, self.num_subcenters, self.margin,
+            impl=self.impl, chunk_size=self.chunk_size,
         )
         lse = collectives.global_logsumexp(local_lse, self.process_group)
         target = collectives.sum_across_ranks_local_grad(local_target, self.process_group)

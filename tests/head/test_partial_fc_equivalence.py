@@ -59,7 +59,7 @@ def run_case(rank, world_size, case, seed):
     embeddings, labels, centers = make_problem(num_classes, num_subcenters, world_size, batch, seed)
     scale, m1, m2, m3 = MARGINS[margin_name]
     head = PartialFC(CombinedMargin(scale, m1, m2, m3), 16, num_classes, num_subcenters=num_subcenters,
-                     impl=impl, chunk_size=2)
+                     impl=impl, chunk_size=16 if impl == "triton" else 2)  # triton tiles: powers of 2
     rows = slice(head.class_start * num_subcenters, (head.class_start + head.num_local) * num_subcenters)
     with torch.no_grad():
         head.weight.copy_(centers[rows].float())
@@ -113,3 +113,23 @@ def test_samples_past_pi_use_fallback():
     w = centers / centers.norm(dim=1, keepdim=True)
     cos_target = (x * w[labels]).sum(1)
     assert (torch.acos(cos_target) + 0.5 > math.pi).sum() >= 2
+
+
+TRITON_CASES = [(7, 3, "combined", "triton", 3), (5, 1, "arcface", "triton", 2)]
+
+
+def run_triton_cases(rank, world_size, seed):
+    return [run_case(rank, world_size, case, seed + i) for i, case in enumerate(TRITON_CASES)]
+
+
+def test_fused_triton_path_through_two_ranks(monkeypatch):
+    """The fused kernel (Triton interpreter on CPU) inside PartialFC on 2 ranks equals the reference."""
+    pytest.importorskip("triton", reason="triton is not installed (extra 'triton')")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
+    global CASES
+    saved, CASES = CASES, TRITON_CASES
+    try:
+        results = run_ranks(run_triton_cases, 2, 31)
+        check(results, 2, seed=31)
+    finally:
+        CASES = saved

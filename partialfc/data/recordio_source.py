@@ -1,0 +1,195 @@
+"""RecordIO training data as a ``BatchSource``: the torch loader and the DALI switch.
+
+Also the insightface dataset layout on top of the raw format: the ``property`` file
+and the face2rec2 header record that separates image records from identity records.
+
+``build_recordio_source`` is what ``data.format = recordio`` calls. The torch loader
+reads records through the native reader (``recordio.py``) in DataLoader workers and
+shares its order, flips and batch assembly with the image-folder source; the DALI
+loader (``dali.py``) is selected with ``loader = "dali"``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from partialfc.data.augment import IndexedSampleSource
+from partialfc.data.base import BatchSource
+from partialfc.data.recordio import (CorruptRecordError, IndexedRecordReader, atomic_write,
+                                     label_of, unpack)
+
+
+def read_property(prefix_dir: str) -> Optional[Tuple[int, int, int]]:
+    """``(num_classes, height, width)`` from ``<dir>/property``, or None if absent."""
+    path = os.path.join(prefix_dir, "property")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="ascii", errors="replace") as handle:
+        text = handle.read().strip()
+    try:
+        values = tuple(int(float(part)) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{path}: expected 'num_classes,112,112', got {text!r}") from None
+    if len(values) != 3 or values[0] <= 0:
+        raise ValueError(f"{path}: expected 'num_classes,112,112', got {text!r}")
+    return values
+
+
+def write_property(prefix_dir: str, num_classes: int, height: int = 112, width: int = 112) -> None:
+    atomic_write(os.path.join(prefix_dir, "property"),
+                 lambda handle: handle.write(f"{num_classes},{height},{width}\n".encode()))
+
+
+def image_key_layout(reader: IndexedRecordReader) -> Tuple[np.ndarray, Optional[Tuple[int, int]]]:
+    """Keys of image records and the face2rec2 header range ``(A, B)`` if there is one.
+
+    With a header record at key 0 (``flag > 0``, ``label[:2] = (A, B)``) the images are
+    keys ``1 .. A-1``; otherwise every key in the index is an image record.
+    """
+    if len(reader) and int(reader.keys[0]) == 0:
+        try:
+            header = reader.read_header(0)
+        except (CorruptRecordError, ValueError):
+            header = None
+        if header is not None and header.flag >= 2 and int(header.label[0]) > 0:
+            first_non_image, end = int(header.label[0]), int(header.label[1])
+            keys = np.arange(1, first_non_image, dtype=np.int64)
+            return keys, (first_non_image, end)
+    return np.asarray(reader.keys, dtype=np.int64), None
+
+
+def split_prefix(prefix: str) -> Tuple[str, str, str]:
+    """``PREFIX`` (or ``PREFIX.rec`` / ``PREFIX.idx``) -> (rec path, idx path, directory)."""
+    base, ext = os.path.splitext(prefix)
+    if ext in (".rec", ".idx"):
+        prefix = base
+    rec_path, idx_path = prefix + ".rec", prefix + ".idx"
+    for path, what in ((rec_path, "record file"), (idx_path, "index file")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: {what} is missing (prefix {prefix!r})")
+    return rec_path, idx_path, os.path.dirname(os.path.abspath(prefix))
+
+
+class RecordDataset:
+    """Image records of one ``.rec/.idx`` pair, the face2rec2 header handled.
+
+    ``num_images`` image records addressed by sample id ``0 .. num_images-1``;
+    ``num_classes`` from the argument, else ``property``, else the header's identity
+    range, else a scan of every label (small sets only).
+    """
+
+    def __init__(self, prefix: str, num_classes: Optional[int] = None):
+        self.rec_path, self.idx_path, directory = split_prefix(prefix)
+        self.reader = IndexedRecordReader(self.idx_path, self.rec_path)
+        keys, self.header_range = image_key_layout(self.reader)
+        # With a header the image keys are 1..A-1: keep them as arithmetic, not an array
+        # (a 42 M-entry array would be copied into every worker).
+        self.num_images = int(keys.size)
+        self.first_key = 1 if self.header_range else None
+        self.num_classes_source = "argument"
+        if num_classes is None:
+            prop = read_property(directory)
+            if prop is not None:
+                num_classes, self.num_classes_source = prop[0], os.path.join(directory, "property")
+            elif self.header_range is not None:
+                num_classes = self.header_range[1] - self.header_range[0]
+                self.num_classes_source = "header record"
+            else:
+                num_classes = self._scan_max_label() + 1
+                self.num_classes_source = "label scan"
+        if num_classes <= 0:
+            raise ValueError(f"{self.rec_path}: num_classes must be positive, got {num_classes} "
+                             f"(from {self.num_classes_source})")
+        self.num_classes = int(num_classes)
+
+    def position(self, sample_id: int) -> int:
+        if self.first_key is None:
+            return int(sample_id)
+        return self.reader.position_of(self.first_key + int(sample_id))
+
+    def key(self, sample_id: int) -> int:
+        return int(self.reader.keys[self.position(sample_id)])
+
+    def label_at(self, sample_id: int) -> float:
+        return label_of(unpack(self.reader.read_at(self.position(sample_id)))[0])
+
+    def _scan_max_label(self) -> int:
+        """Largest label over all readable records (unreadable ones fail later, at use)."""
+        largest = -1
+        for sample_id in range(self.num_images):
+            try:
+                largest = max(largest, int(self.label_at(sample_id)))
+            except ValueError:
+                continue
+        return largest
+
+    def fetch(self, sample_id: int) -> Tuple[bytes, int, str]:
+        """(JPEG bytes, class id, 'file: record key') with the label range checked."""
+        position = self.position(sample_id)
+        where = f"{self.rec_path}: record {int(self.reader.keys[position])}"
+        raw = self.reader.read_at(position)  # CorruptRecordError names file and record
+        try:
+            header, body = unpack(raw)
+        except ValueError as error:
+            raise CorruptRecordError(f"{where}: {error}") from None
+        label = label_of(header)
+        if label != int(label) or not 0 <= label < self.num_classes:
+            raise ValueError(f"{where}: label {label:g} is outside [0, num_classes="
+                             f"{self.num_classes}) (num_classes from {self.num_classes_source})")
+        return body, int(label), where
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class RecordIOSource(IndexedSampleSource):
+    """The torch loader: DataLoader workers over the native reader."""
+
+    def __init__(self, prefix: str, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, skip_corrupt: bool = False,
+                 num_classes: Optional[int] = None, shuffle: bool = True, flip: bool = True):
+        super().__init__(batch_size, rank, world_size, seed, num_workers, skip_corrupt,
+                         shuffle, flip)
+        self.dataset = RecordDataset(prefix, num_classes)
+        self.num_samples = self.dataset.num_images
+        self.num_classes = self.dataset.num_classes
+        if len(self) == 0:
+            raise ValueError(f"{self.dataset.rec_path}: empty shard: {self.num_samples} images "
+                             f"over {world_size} ranks cannot fill one batch of {batch_size}")
+
+    def fetch(self, sample_id: int) -> Tuple[bytes, int, str]:
+        return self.dataset.fetch(sample_id)
+
+    def labels_of_epoch(self, epoch: int) -> np.ndarray:
+        """The label stream of an epoch without decoding images (tests, debugging)."""
+        plan, _ = self.plan(epoch)
+        return np.array([[self.dataset.fetch(int(s))[1] for s in row] for row in plan])
+
+    def close(self) -> None:
+        self.dataset.close()
+
+
+def build_recordio_source(prefix: str, batch_size: int, rank: int, world_size: int, seed: int,
+                          num_workers: int, loader: str, skip_corrupt: bool,
+                          num_classes: Optional[int], device: str, **kwargs) -> BatchSource:
+    """The ``data.format = recordio`` source; ``loader`` is ``"dali"`` or ``"torch"``.
+
+    Extra keyword args (``shuffle``, ``flip``, and for DALI ``initial_fill``) go to the
+    source class.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"data device must be 'cpu' or 'cuda', got {device!r}")
+    if loader == "torch":
+        return RecordIOSource(prefix, batch_size, rank, world_size, seed, num_workers,
+                              skip_corrupt, num_classes, **kwargs)
+    if loader == "dali":
+        from partialfc.data.dali import DaliRecordIOSource, dali_available
+
+        if not dali_available():
+            raise RuntimeError("data.loader = 'dali' but nvidia-dali is not installed; "
+                               "pip install nvidia-dali-cuda120, or set data.loader=torch")
+        return DaliRecordIOSource(prefix, batch_size, rank, world_size, seed, num_workers,
+                                  skip_corrupt, num_classes, device, **kwargs)
+    raise ValueError(f"data.loader must be 'dali' or 'torch', got {loader!r}")
