@@ -142,7 +142,8 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
     if rank == 0:
         save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone.state_dict())
         trainer_state = {
-            "backbone_optimizer": backbone_optimizer.state_dict(),
+            # None: the engine keeps optimizer state we cannot store weights-only (DeepSpeed).
+            "backbone_optimizer": backbone_optimizer.state_dict() if backbone_optimizer is not None else None,
             "head_optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
                                       for g in head_optimizer.param_groups],
             "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
@@ -253,6 +254,9 @@ def load_checkpoint(path: str | os.PathLike, *, backbone, head, backbone_optimiz
     with torch.no_grad():
         head.weight.copy_(weight)
     trainer_state = _load(step_dir / "backbone_optimizer.pt")
+    if trainer_state["backbone_optimizer"] is None:
+        raise CheckpointError(f"{step_dir} holds no backbone optimizer state (written by the deepspeed "
+                              "engine, whose resume is not supported yet); use it for evaluation only")
     backbone_optimizer.load_state_dict(trainer_state["backbone_optimizer"])
     for group, saved in zip(head_optimizer.param_groups, trainer_state["head_optimizer_groups"]):
         group.update(saved)

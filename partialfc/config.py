@@ -127,7 +127,13 @@ class TrainConfig:
     backend: str = "auto"
     """Process-group backend: auto (nccl on cuda, gloo on cpu), nccl or gloo."""
     engine: str = "ddp"
-    """Backbone wrapper: ddp (deepspeed arrives with the production issue)."""
+    """Backbone engine: ddp, or deepspeed (ZeRO stage ``zero_stage``; the head stays outside)."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step; data.batch_size must be divisible by it."""
+    zero_stage: int = 1
+    """DeepSpeed only: ZeRO stage 1 or 2 for the backbone."""
+    deepspeed_config: str = ""
+    """DeepSpeed only: a JSON file merged into the generated config ('' for none)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,8 @@ CHOICES = {
     ("train", "amp"): ("none", "fp16", "bf16"),
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "backend"): ("auto", "nccl", "gloo"),
-    ("train", "engine"): ("ddp",),
+    ("train", "engine"): ("ddp", "deepspeed"),
+    ("train", "zero_stage"): (1, 2),
 }
 
 

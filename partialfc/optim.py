@@ -17,12 +17,27 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def _rows_and_values(grad: torch.Tensor):
-    """``(row indices or None for all rows, row gradients)`` of a dense or sparse grad."""
-    if grad.is_sparse:
-        grad = grad.coalesce()  # sums duplicate rows
-        return grad.indices()[0], grad.values()
-    return None, grad
+# Rows updated per block: bounds the temporaries of a sparse update to
+# ROW_BLOCK x D whatever the shard size (a 1 M-row shard would otherwise copy GBs).
+ROW_BLOCK = 65536
+
+
+def _row_blocks(grad: torch.Tensor, num_rows: int):
+    """Yield ``(rows or None, row gradients)`` blocks of a dense or sparse gradient.
+
+    ``rows is None`` means a dense gradient of all rows (updated in place, no copy). A
+    sparse gradient that covers every row (``sample_rate = 1``) is treated as dense too.
+    """
+    if not grad.is_sparse:
+        yield None, grad
+        return
+    grad = grad.coalesce()  # sums duplicate rows (several forwards in one step)
+    rows, values = grad.indices()[0], grad.values()
+    if rows.numel() == num_rows:  # coalesced + unique + all present = arange, in order
+        yield None, values
+        return
+    for first in range(0, rows.numel(), ROW_BLOCK):
+        yield rows[first:first + ROW_BLOCK], values[first:first + ROW_BLOCK]
 
 
 class RowSparseSGD(Optimizer):
@@ -41,25 +56,34 @@ class RowSparseSGD(Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                rows, grad = _rows_and_values(param.grad)
-                weight = param if rows is None else param.index_select(0, rows)
-                update = grad.add(weight, alpha=decay) if decay else grad.clone()
-                if momentum:
-                    state = self.state[param]
-                    if "momentum_buffer" not in state:
-                        # Zero start equals torch's "first buffer = first update".
-                        state["momentum_buffer"] = torch.zeros_like(param)
-                    buffer = state["momentum_buffer"]
+                state = self.state[param]
+                if momentum and "momentum_buffer" not in state:
+                    # Zero start equals torch's "first buffer = first update".
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                for rows, grad in _row_blocks(param.grad, param.shape[0]):
                     if rows is None:
-                        update = buffer.mul_(momentum).add_(update)
-                    else:
+                        self._dense_update(param, grad, state, lr, momentum, decay)
+                        continue
+                    update = grad.add(param.index_select(0, rows), alpha=decay) if decay else grad.clone()
+                    if momentum:
+                        buffer = state["momentum_buffer"]
                         update = buffer.index_select(0, rows).mul_(momentum).add_(update)
                         buffer.index_copy_(0, rows, update)
-                if rows is None:
-                    param.add_(update, alpha=-lr)
-                else:
                     param.index_add_(0, rows, update, alpha=-lr)
         return loss
+
+    @staticmethod
+    def _dense_update(param, grad, state, lr, momentum, decay):
+        """All rows, in place: no temporary the size of the shard."""
+        if momentum:
+            buffer = state["momentum_buffer"].mul_(momentum).add_(grad)
+            if decay:
+                buffer.add_(param, alpha=decay)
+            param.add_(buffer, alpha=-lr)
+        else:
+            if decay:
+                param.mul_(1 - lr * decay)
+            param.add_(grad, alpha=-lr)
 
 
 class RowSparseAdamW(Optimizer):
@@ -82,29 +106,38 @@ class RowSparseAdamW(Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                rows, grad = _rows_and_values(param.grad)
                 state = self.state[param]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros_like(param)
                     state["row_step"] = torch.zeros(param.shape[0], dtype=torch.float64, device=param.device)
-                if rows is None:
-                    rows = torch.arange(param.shape[0], device=param.device)
-                weight = param.index_select(0, rows)
-                exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
-                exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
-                step = state["row_step"].index_select(0, rows) + 1
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                state["row_step"].index_copy_(0, rows, step)
-                shape = (-1,) + (1,) * (param.ndim - 1)
-                correction1 = (1 - beta1 ** step).view(shape)
-                correction2 = (1 - beta2 ** step).view(shape)
-                denom = (exp_avg_sq.sqrt() / correction2.sqrt()).add_(eps)
-                new_weight = weight * (1 - lr * decay) - (lr / correction1) * exp_avg / denom
-                param.index_copy_(0, rows, new_weight.to(param.dtype))
+                for rows, grad in _row_blocks(param.grad, param.shape[0]):
+                    if rows is None:
+                        blocks = range(0, param.shape[0], ROW_BLOCK)
+                        pieces = ((torch.arange(b, min(b + ROW_BLOCK, param.shape[0]), device=param.device),
+                                   grad[b:b + ROW_BLOCK]) for b in blocks)
+                    else:
+                        pieces = ((rows, grad),)
+                    for block_rows, block_grad in pieces:
+                        self._update_rows(param, state, block_rows, block_grad, lr, beta1, beta2, eps, decay)
         return loss
+
+    @staticmethod
+    def _update_rows(param, state, rows, grad, lr, beta1, beta2, eps, decay):
+        weight = param.index_select(0, rows)
+        exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
+        exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
+        step = state["row_step"].index_select(0, rows) + 1
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        state["row_step"].index_copy_(0, rows, step)
+        shape = (-1,) + (1,) * (param.ndim - 1)
+        correction1 = (1 - beta1 ** step).view(shape)
+        correction2 = (1 - beta2 ** step).view(shape)
+        denom = (exp_avg_sq.sqrt() / correction2.sqrt()).add_(eps)
+        new_weight = weight * (1 - lr * decay) - (lr / correction1) * exp_avg / denom
+        param.index_copy_(0, rows, new_weight.to(param.dtype))
 
 
 def build_optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float,

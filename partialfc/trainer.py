@@ -18,7 +18,7 @@ import torch
 from partialfc import checkpoint as ckpt
 from partialfc.config import Config, config_to_dict, dump_config
 from partialfc.data import build_source
-from partialfc.distributed.parallelize import unwrap, wrap_backbone
+from partialfc.distributed.engines import build_engine
 from partialfc.distributed.runtime import Runtime
 from partialfc.head import CombinedMargin, PartialFC
 from partialfc.models import build_backbone
@@ -71,24 +71,39 @@ class Trainer:
 
         self.backbone_kwargs = backbone_kwargs(cfg)
         self.backbone = build_backbone(cfg.model.backbone, **self.backbone_kwargs).to(self.device)
-        self.model = wrap_backbone(self.backbone, self.device)
         self.head = build_head(cfg, self.num_classes).to(self.device)
 
         o = cfg.optim
+        accumulate = cfg.train.accumulate
+        if cfg.data.batch_size % accumulate:
+            raise ValueError(f"data.batch_size = {cfg.data.batch_size} is not divisible by "
+                             f"train.accumulate = {accumulate}")
+        # data.batch_size is the per-rank batch of one optimizer step; it is back-propagated
+        # in `accumulate` micro-batches of batch_size / accumulate images.
         global_batch = cfg.data.batch_size * runtime.world_size
         self.base_lr = o.lr * global_batch / o.lr_reference_batch
         common = dict(momentum=o.momentum, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-        self.backbone_optimizer = build_optimizer(o.name, self.backbone.parameters(), lr=self.base_lr, **common)
-        self.head_optimizer = build_optimizer(o.name, self.head.parameters(), lr=self.base_lr * cfg.head.lr_scale,
-                                              row_sparse=True, **common)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         warmup = int(o.warmup_epochs * self.steps_per_epoch)
-        self.schedulers = {
-            name: build_scheduler(opt, total_steps=self.total_steps, warmup_steps=warmup,
-                                  schedule=o.schedule, poly_power=o.poly_power)
-            for name, opt in (("backbone", self.backbone_optimizer), ("head", self.head_optimizer))
-        }
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+
+        def make_scheduler(optimizer):
+            return build_scheduler(optimizer, total_steps=self.total_steps, warmup_steps=warmup,
+                                   schedule=o.schedule, poly_power=o.poly_power)
+
+        # The engine owns the backbone's optimizer, schedule and loss scaling (DDP or DeepSpeed).
+        self.engine = build_engine(
+            cfg.train.engine, self.backbone, device=self.device,
+            make_optimizer=lambda params: build_optimizer(o.name, params, lr=self.base_lr, **common),
+            make_scheduler=make_scheduler, amp=cfg.train.amp, clip_grad_norm=o.clip_grad_norm,
+            accumulate=accumulate, micro_batch_size=cfg.data.batch_size // accumulate,
+            zero_stage=cfg.train.zero_stage, user_json=cfg.train.deepspeed_config or None,
+        )
+        self.backbone = self.engine.module  # DeepSpeed may have cast it (fp16 / bf16)
+        self.backbone_optimizer = self.engine.optimizer
+        self.head_optimizer = build_optimizer(o.name, self.head.parameters(), lr=self.base_lr * cfg.head.lr_scale,
+                                              row_sparse=True, **common)
+        self.schedulers = {"backbone": self.engine.scheduler, "head": make_scheduler(self.head_optimizer)}
+        self.scaler = getattr(self.engine, "scaler", None)  # DDP + fp16 only; DeepSpeed scales itself
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -131,7 +146,8 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.output, step=self.step, position=self._position(), config_dict=config_to_dict(self.cfg),
             backbone_name=self.cfg.model.backbone, backbone_kwargs=self.backbone_kwargs,
-            backbone=self.backbone, head=self.head, backbone_optimizer=self.backbone_optimizer,
+            backbone=self.backbone, head=self.head,
+            backbone_optimizer=None if self.cfg.train.engine == "deepspeed" else self.backbone_optimizer,
             head_optimizer=self.head_optimizer, schedulers=self.schedulers, scaler=self.scaler,
             keep_last=self.cfg.train.keep_last,
         )
@@ -143,6 +159,11 @@ class Trainer:
         path = ckpt.find_latest(self.output) if resume == "auto" else ckpt.resolve_checkpoint(resume)
         if path is None:
             return None
+        if self.cfg.train.engine == "deepspeed":
+            # DeepSpeed's own checkpoints are pickles (not weights-only loadable) and a
+            # gathered-state resume was not exact in testing: refuse rather than drift.
+            raise ValueError("train.resume is not supported with train.engine = 'deepspeed' yet; "
+                             "resume with train.engine = 'ddp' from the same checkpoint is not possible either")
         manifest = ckpt.load_checkpoint(
             path, backbone=self.backbone, head=self.head, backbone_optimizer=self.backbone_optimizer,
             head_optimizer=self.head_optimizer, schedulers=self.schedulers, scaler=self.scaler,
@@ -157,38 +178,43 @@ class Trainer:
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if self.runtime.is_main:
+            self._truncate_metrics_log(self.step)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                      self.batch_in_epoch)
         return path
+
+    def _truncate_metrics_log(self, step: int) -> None:
+        """Drop log records past the resumed step: those steps are about to run again,
+        so after a crash and restart the log still has each step exactly once."""
+        metrics_file = self.output / "metrics.jsonl"
+        if not metrics_file.is_file():
+            return
+        kept = [line for line in metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = metrics_file.with_name(metrics_file.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics_file)
 
     # ------------------------------------------------------------------ step
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step; returns ``(loss, backbone grad norm or None)`` as tensors."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        self.model.train()
-        embeddings = self.model(images)
-        loss = self.head(embeddings, labels)
-        self.backbone_optimizer.zero_grad(set_to_none=True)
+        accumulate = self.cfg.train.accumulate
+        self.engine.train()
+        self.engine.zero_grad()
         self.head_optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.backbone_optimizer)
-        else:
-            loss.backward()
-        grad_norm = None
-        if self.cfg.optim.clip_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.clip_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.backbone_optimizer)
-            self.scaler.step(self.head_optimizer)
-            self.scaler.update()
-        else:
-            self.backbone_optimizer.step()
-            self.head_optimizer.step()
-        for scheduler in self.schedulers.values():
-            scheduler.step()
-        return loss.detach(), grad_norm
+        step_loss = torch.zeros((), device=self.device)
+        # The engine back-propagates the head (gradient unscaled but for 1 / accumulate),
+        # then the backbone; see partialfc/distributed/engines.py.
+        for image_part, label_part in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+            loss = self.head(self.engine.forward(image_part), label_part)
+            self.engine.backward(loss)
+            step_loss += loss.detach() / accumulate
+        grad_norm = self.engine.clip_and_step()  # also steps the backbone's schedule
+        self.head_optimizer.step()
+        self.schedulers["head"].step()
+        return step_loss, grad_norm
 
     # ------------------------------------------------------------------ loop
     def _write_start_files(self) -> None:

@@ -71,3 +71,26 @@ def test_schedule_warmup_then_decay():
     with pytest.raises(ValueError, match="schedule"):
         build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), total_steps=3,
                         warmup_steps=0, schedule="step")
+
+
+@pytest.mark.parametrize("cls,kw", [(RowSparseSGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+                                    (RowSparseSGD, dict(lr=0.1, momentum=0.0, weight_decay=5e-4)),
+                                    (RowSparseAdamW, dict(lr=0.01, weight_decay=0.05))])
+def test_blocked_sparse_update_equals_unblocked(cls, kw, monkeypatch):
+    """Splitting the rows into blocks (bounded temporaries) changes nothing."""
+    import partialfc.optim as optim
+
+    rows = [0, 2, 3, 5]
+    whole, _ = run(cls, kw, grads(), sparse_rows=rows)
+    monkeypatch.setattr(optim, "ROW_BLOCK", 1)
+    blocked, _ = run(cls, kw, grads(), sparse_rows=rows)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+
+
+def test_sgd_without_momentum_equals_torch():
+    kw = dict(lr=0.1, momentum=0.0, weight_decay=5e-4)
+    ours, _ = run(RowSparseSGD, kw, grads())
+    theirs, _ = run(torch.optim.SGD, kw, grads())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours_all_rows, _ = run(RowSparseSGD, kw, grads(), sparse_rows=[0, 1, 2, 3, 4, 5])
+    torch.testing.assert_close(ours_all_rows, theirs, rtol=1e-12, atol=1e-12)

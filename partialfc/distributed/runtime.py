@@ -53,12 +53,26 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_minutes: f
     if backend == "nccl" and chosen.type != "cuda":
         raise ValueError("train.backend = 'nccl' needs CUDA devices; use gloo on CPU")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=chosen if chosen.type == "cuda" else None,
+            backend=backend, timeout=timeout, device_id=chosen if chosen.type == "cuda" else None,
+            **_restart_scoped_store(rank, world_size, timeout),
         )
     return Runtime(dist.get_rank(), local_rank, dist.get_world_size(), chosen, backend)
+
+
+def _restart_scoped_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun's agent store, keys of a restarted worker group must not meet the
+    keys of the group that died: gloo would find the dead ranks' addresses and fail to
+    connect (seen as 'connectFullMesh ... Connection refused' after --max-restarts). A
+    prefix per restart count keeps every generation's rendezvous apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"partialfc/restart{restart}", store), "rank": rank,
+            "world_size": world_size}
 
 
 def shutdown_runtime() -> None:

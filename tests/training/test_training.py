@@ -214,3 +214,33 @@ def test_metrics_scraped_during_two_rank_run(tmp_path):
         assert samples["partialfc_learning_rate"] > 0
         assert samples["partialfc_step_seconds_count"] >= 3
         assert samples["partialfc_cpu_memory_rss_bytes"] > 1e7
+
+
+def test_elastic_restart_after_kill_reproduces_the_run(tmp_path):
+    """torchrun --max-restarts: a rank killed with SIGKILL restarts the job, which resumes
+    from the last checkpoint and logs the same losses as an uninterrupted run."""
+    reference, elastic = tmp_path / "reference", tmp_path / "elastic"
+    train(reference, "train.max_steps=12")
+    args = [a for o in TINY + ["train.max_steps=12", "train.checkpoint_every=2", "train.resume=auto",
+                               f"train.output={elastic}"] for a in ("--set", o)]
+    from spawn import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           "-m", "partialfc.train", str(ROOT / "configs" / "demo.toml"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = elastic / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "torchrun has no worker processes"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr, "the kill must have caused a restart that resumed"
+    got, expected = losses(elastic), losses(reference)
+    assert [s for s, _ in got] == list(range(1, 13))  # each step once: no duplicate, none skipped
+    for (step, loss_a), (_, loss_b) in zip(expected, got):
+        assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-6), step

@@ -1,0 +1,360 @@
+"""How the backbone is trained data-parallel: plain DDP or DeepSpeed ZeRO-1/2.
+
+The Partial FC head never enters an engine: its shards are already model-parallel and
+it keeps its own row-sparse optimizer. An engine owns only the backbone, its optimizer,
+its learning-rate schedule and (fp16) its loss scaling.
+
+Why the backward is split in two
+--------------------------------
+``forward`` returns the backbone's embeddings *detached* (a leaf that requires grad),
+and ``backward(loss)`` runs two passes:
+
+1. ``(loss / k).backward()`` through the head only: the head's row gradients (scaled
+   by nothing but ``1 / k``) and ``dL/d embeddings``;
+2. the backbone pass, fed ``dL/d embeddings`` by the engine.
+
+The head's loss is a mean over the *global* batch, so a backbone parameter's true
+gradient is the *sum* of the ranks' gradients (see ``parallelize.py``). DDP sums through
+our comm hook; DeepSpeed always averages over its data-parallel ranks and offers no
+sum, so its pass is fed ``world_size * dL/d embeddings`` -- the average of W-times
+gradients is the sum. Because the head's gradient was already taken in pass 1, neither
+that factor nor DeepSpeed's fp16 loss scale ever reaches the head.
+
+Gradient accumulation (``accumulate = k``): call ``forward``/``backward`` k times, then
+``clip_and_step`` once. Each micro-batch's loss is divided by k, so the k micro-batches
+add up to one k-times batch, in the head (sparse gradients accumulate; the row-sparse
+optimizers coalesce them) and in the backbone. DDP skips its all-reduce on the first
+k - 1 micro-batches (``no_sync``); DeepSpeed counts micro-steps itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from partialfc.distributed import collectives
+from partialfc.distributed.parallelize import wrap_backbone
+
+ENGINES = ("ddp", "deepspeed")
+AMP_MODES = ("none", "fp16", "bf16")
+ZERO_STAGES = (1, 2)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], "torch.optim.lr_scheduler.LRScheduler"]
+
+
+def _trainable(module: nn.Module) -> list:
+    # Frozen parameters (the embedding BatchNorm's scale) stay out of the optimizer.
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class BackboneEngine:
+    """The interface the training step uses; see the module docstring for the order."""
+
+    module: nn.Module  # the unwrapped backbone, for evaluation and saving
+    optimizer: Optimizer
+    scheduler: object
+
+    def __init__(self, module: nn.Module, accumulate: int, world_size: int) -> None:
+        if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+            raise ValueError(f"train.accumulate must be an int >= 1, got {accumulate!r}")
+        self.module = module
+        self.accumulate = accumulate
+        self.world_size = world_size
+        self.micro_step = 0  # micro-batches back-propagated since the last optimizer step
+        self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def closes_window(self) -> bool:
+        """Whether the next micro-batch is the last one before an optimizer step."""
+        return self.micro_step == self.accumulate - 1
+
+    # -------------------------------------------------------------- interface
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone embeddings, detached from the backbone's graph (see ``backward``)."""
+        if self._pending is not None:
+            raise RuntimeError("forward() called twice without backward(); one backward per forward")
+        output = self._forward(images)
+        leaf = output.detach().requires_grad_(True)
+        self._pending = (output, leaf)
+        return leaf
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss through the head, then the backbone."""
+        if self._pending is None:
+            raise RuntimeError("backward() called without a forward() of this micro-batch")
+        if loss.ndim != 0:
+            raise ValueError(f"backward() expects a scalar loss, got shape {tuple(loss.shape)}")
+        output, leaf = self._pending
+        self._pending = None
+        (loss / self.accumulate).backward()
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        self._backward_backbone(output, grad.to(output.dtype))
+        self.micro_step += 1
+
+    def clip_and_step(self) -> Optional[torch.Tensor]:
+        """Clip and step the backbone (and its schedule) after ``accumulate`` micro-batches.
+
+        Returns the backbone's gradient norm before clipping (a tensor, no host sync),
+        or None when clipping is off.
+        """
+        if self.micro_step != self.accumulate:
+            raise RuntimeError(f"clip_and_step() after {self.micro_step} micro-batches; "
+                               f"train.accumulate = {self.accumulate}")
+        norm = self._step()
+        self.micro_step = 0
+        return norm
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    # -------------------------------------------------------------- engine parts
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _backward_backbone(self, output: torch.Tensor, grad: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _step(self) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+
+class DDPEngine(BackboneEngine):
+    """DistributedDataParallel with summed gradients, torch optimizer, GradScaler for fp16."""
+
+    def __init__(self, backbone: nn.Module, *, device: torch.device, make_optimizer: OptimizerFactory,
+                 make_scheduler: SchedulerFactory, amp: str, clip_grad_norm: float, accumulate: int,
+                 process_group=None) -> None:
+        super().__init__(backbone, accumulate, collectives.world_size(process_group))
+        self.model = wrap_backbone(backbone, device, process_group)
+        self.optimizer = make_optimizer(_trainable(backbone))
+        self.scheduler = make_scheduler(self.optimizer)
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.clip_grad_norm = clip_grad_norm
+
+    def _forward(self, images):
+        # DDP decides at forward time whether this backward all-reduces: skip it on
+        # every micro-batch but the last of an accumulation window.
+        skip_sync = not self.closes_window and self.model is not self.module
+        with self.model.no_sync() if skip_sync else contextlib.nullcontext():
+            return self.model(images)
+
+    def _backward_backbone(self, output, grad):
+        if self.scaler is not None:
+            grad = self.scaler.scale(grad)
+        output.backward(grad)
+
+    def _step(self):
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = None
+        if self.clip_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(_trainable(self.module), self.clip_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """Optimizer, schedule and scaler state; equal on every rank."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# ---------------------------------------------------------------------- DeepSpeed config
+# Keys we derive from our own config; a user JSON may repeat them only with equal values.
+_DERIVED = (("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",),
+            ("gradient_clipping",), ("fp16", "enabled"), ("bf16", "enabled"), ("zero_optimization", "stage"))
+# The optimizer and schedule are ours (built by make_optimizer / make_scheduler).
+_FORBIDDEN = ("optimizer", "scheduler")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _lookup(tree: dict, path: tuple):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def deepspeed_config(*, micro_batch_size: int, accumulate: int, world_size: int, clip_grad_norm: float,
+                     amp: str, zero_stage: int, user_json: Optional[str] = None) -> dict:
+    """The DeepSpeed config generated from ours, with an optional user JSON merged in.
+
+    The user file may add any DeepSpeed option (bucket sizes, overlap_comm, ...); it may
+    not change what our config already sets, nor define an optimizer or scheduler.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"train.amp must be one of {AMP_MODES}, got {amp!r}")
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES} for the backbone, got {zero_stage!r}")
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"data.batch_size must be a positive int, got {micro_batch_size!r}")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulate,
+        "train_batch_size": micro_batch_size * accumulate * world_size,
+        "gradient_clipping": float(clip_grad_norm),
+        "fp16": {"enabled": amp == "fp16"},
+        "bf16": {"enabled": amp == "bf16"},
+        "zero_optimization": {"stage": zero_stage},
+        # Our torch optimizer (SGD / AdamW) is not on DeepSpeed's list; ZeRO-1/2 only
+        # partitions its flat state, which is safe for any elementwise optimizer.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if not user_json:
+        return config
+    path = Path(user_json)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"DeepSpeed config {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"DeepSpeed config {str(path)!r}: expected a JSON object, got {type(user).__name__}")
+    for key in _FORBIDDEN:
+        if key in user:
+            raise ValueError(f"DeepSpeed config {str(path)!r}: {key!r} is set by partialfc's [optim] section; "
+                             f"remove it from the JSON")
+    for key_path in _DERIVED:
+        theirs = _lookup(user, key_path)
+        ours = _lookup(config, key_path)
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"DeepSpeed config {str(path)!r}: {'.'.join(key_path)} = {theirs!r} disagrees with "
+                             f"the value {ours!r} derived from the partialfc config; set it there instead")
+    return _merge(config, user)
+
+
+class DeepSpeedEngine(BackboneEngine):
+    """DeepSpeed ZeRO stage 1 or 2 around the backbone only, with our torch optimizer."""
+
+    def __init__(self, backbone: nn.Module, *, device: torch.device, make_optimizer: OptimizerFactory,
+                 make_scheduler: SchedulerFactory, amp: str, clip_grad_norm: float, accumulate: int,
+                 micro_batch_size: int, zero_stage: int = 1, user_json: Optional[str] = None,
+                 process_group=None) -> None:
+        import deepspeed  # optional dependency, imported only when chosen
+
+        if process_group is not None and process_group is not dist.group.WORLD:
+            raise ValueError("train.engine = deepspeed trains over the default process group only")
+        if not dist.is_initialized():
+            raise ValueError("train.engine = deepspeed needs torch.distributed to be initialized "
+                             "(run under torchrun; one process works with --nproc_per_node=1)")
+        super().__init__(backbone, accumulate, dist.get_world_size())
+        self.config = deepspeed_config(micro_batch_size=micro_batch_size, accumulate=accumulate,
+                                       world_size=self.world_size, clip_grad_norm=clip_grad_norm, amp=amp,
+                                       zero_stage=zero_stage, user_json=user_json)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        client_optimizer = make_optimizer(_trainable(backbone))
+        scheduler = make_scheduler(client_optimizer)
+        # DeepSpeed steps the schedule itself, and skips it with a step skipped by an fp16 overflow.
+        self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=backbone, optimizer=client_optimizer, lr_scheduler=scheduler, config=self.config,
+            dist_init_required=False)
+        self.module = self.ds_engine.module
+        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+        self.device = device
+
+    def _forward(self, images):
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)  # DeepSpeed's mixed precision holds half parameters
+        return self.ds_engine(images)
+
+    def _backward_backbone(self, output, grad):
+        # DeepSpeed averages over ranks: W * grad makes that average our sum. The loss
+        # was already divided by k, so DeepSpeed must not divide by its accumulation steps.
+        surrogate = (output.float() * (grad.float() * self.world_size)).sum()
+        self.ds_engine.backward(surrogate, scale_wrt_gas=False)
+        if not self.closes_window:
+            self.ds_engine.step()  # only advances DeepSpeed's micro-step count here
+
+    def _step(self):
+        if not self.ds_engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's micro-step count disagrees with train.accumulate")
+        self.ds_engine.step()
+        norm = self.ds_engine.get_global_grad_norm()
+        if norm is None or self.ds_engine.gradient_clipping() <= 0:
+            return None
+        return norm if torch.is_tensor(norm) else torch.tensor(float(norm))
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """True when fp16 loss scaling found an overflow and skipped the last step."""
+        return not self.ds_engine.was_step_applied()
+
+    def zero_grad(self):
+        self.ds_engine.zero_grad()
+
+    def state_dict(self) -> dict:
+        # Not done yet: DeepSpeed's own checkpoints pickle Python objects (weights_only
+        # cannot read them), and a gather of ZeRO's partitions through
+        # deepspeed.utils.safe_get/set_full_* did not yet resume step-exactly.
+        raise NotImplementedError("checkpointing the DeepSpeed engine is not implemented yet; use train.engine = ddp "
+                                  "for runs that must resume")
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError("checkpointing the DeepSpeed engine is not implemented yet")
+
+    def train(self, mode: bool = True) -> None:
+        self.ds_engine.train(mode)
+
+
+def build_engine(kind: str, backbone: nn.Module, *, device: torch.device, make_optimizer: OptimizerFactory,
+                 make_scheduler: SchedulerFactory, amp: str = "none", clip_grad_norm: float = 0.0,
+                 accumulate: int = 1, micro_batch_size: int = 1, zero_stage: int = 1,
+                 user_json: Optional[str] = None, process_group=None) -> BackboneEngine:
+    """Wrap ``backbone`` (already on ``device``) in the engine named by ``train.engine``.
+
+    ``make_optimizer(params)`` builds the backbone's torch optimizer and
+    ``make_scheduler(optimizer)`` its per-step schedule; both engines use them, so
+    DDP and DeepSpeed train with the same update rule.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"train.amp must be one of {AMP_MODES}, got {amp!r}")
+    if clip_grad_norm < 0:
+        raise ValueError(f"optim.clip_grad_norm must be >= 0, got {clip_grad_norm!r}")
+    common = dict(device=device, make_optimizer=make_optimizer, make_scheduler=make_scheduler, amp=amp,
+                  clip_grad_norm=clip_grad_norm, accumulate=accumulate, process_group=process_group)
+    if kind == "ddp":
+        return DDPEngine(backbone, **common)
+    if kind == "deepspeed":
+        return DeepSpeedEngine(backbone, micro_batch_size=micro_batch_size, zero_stage=zero_stage,
+                               user_json=user_json, **common)
+    raise ValueError(f"train.engine must be one of {ENGINES}, got {kind!r}")
+
+
+__all__ = ["BackboneEngine", "DDPEngine", "DeepSpeedEngine", "ENGINES", "build_engine", "deepspeed_config"]
