@@ -52,6 +52,8 @@ class HeadConfig:
     """Classes per tile of the chunked paths (None: the kernel's default)."""
     lr_scale: float = 1.0
     """Head learning rate as a multiple of the backbone's."""
+    compute_dtype: str = "fp32"
+    """Embeddings fed to the margin softmax: fp32, or bf16 / fp16 (half the gather, tensor cores on CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class Config:
 CHOICES = {
     ("head", "margin"): ("arcface", "cosface", "sphereface", "combined"),
     ("head", "impl"): ("auto", "triton", "torch", "naive"),
+    ("head", "compute_dtype"): ("fp32", "bf16", "fp16"),
     ("data", "format"): ("synthetic", "image_folder", "recordio"),
     ("data", "loader"): ("dali", "torch"),
     ("optim", "name"): ("sgd", "adamw"),

@@ -45,6 +45,7 @@ def build_head(cfg: Config, num_classes: int, process_group=None) -> PartialFC:
         build_margin(cfg.head), cfg.model.embedding_size, num_classes,
         sample_rate=cfg.head.sample_rate, num_subcenters=cfg.head.num_subcenters,
         process_group=process_group, impl=cfg.head.impl, chunk_size=cfg.head.chunk_size, seed=cfg.train.seed,
+        compute_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.head.compute_dtype],
     )
 
 
@@ -222,6 +223,16 @@ class Trainer:
             return
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "config.toml").write_text(dump_config(self.cfg))
+        import platform
+
+        import partialfc
+
+        devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                   if self.device.type == "cuda" else [platform.processor() or platform.machine()])
+        log.info("environment: partialfc %s, torch %s, python %s, backend %s, world size %d, devices %s",
+                 partialfc.__version__, torch.__version__, platform.python_version(), self.runtime.backend,
+                 self.runtime.world_size, devices)
+        log.info("resolved config:\n%s", dump_config(self.cfg))
         log.info("run %s: %d ranks on %s, %d classes (%d per rank), %d steps/epoch, %d steps",
                  self.cfg.name, self.runtime.world_size, self.device, self.num_classes, self.head.num_local,
                  self.steps_per_epoch, self.stop_step)

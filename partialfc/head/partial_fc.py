@@ -52,6 +52,7 @@ class PartialFC(nn.Module):
         init_std: float = 0.01,
         check_labels: bool = True,
         shard_of: Optional[tuple[int, int]] = None,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if not isinstance(margin, CombinedMargin):
@@ -62,6 +63,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_subcenters must be an int >= 1, got {num_subcenters!r}")
         if not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
         if impl not in HEAD_IMPLS:
             raise ValueError(f"head impl must be one of {HEAD_IMPLS}, got {impl!r}")
         self.margin = margin
@@ -73,6 +76,9 @@ class PartialFC(nn.Module):
         self.impl = impl
         self.chunk_size = chunk_size
         self.check_labels = check_labels
+        # Dtype of the gathered embeddings fed to the margin-softmax op: bf16/fp16 halve the
+        # all-gather and let the Triton kernel use tensor cores (fp32 accumulation inside).
+        self.compute_dtype = compute_dtype
 
         self.world_size = collectives.world_size(process_group)
         self.rank = collectives.rank(process_group)
@@ -158,7 +164,7 @@ class PartialFC(nn.Module):
         """Mean margin-softmax loss over the global batch; the same value on every rank."""
         self._validate(embeddings, labels)
         labels = labels.to(device=embeddings.device, dtype=torch.long)
-        normalized = F.normalize(embeddings.float(), dim=1)
+        normalized = F.normalize(embeddings.float(), dim=1).to(self.compute_dtype)
         all_embeddings, all_labels = self._gather(normalized, labels)
         if all_labels.numel() == 0:
             raise ValueError("the global batch is empty on every rank")

@@ -93,3 +93,19 @@ def test_uneven_batch_between_ranks_is_handled():
     assert results[0][0] == pytest.approx(expected.item(), rel=1e-5)
     assert results[1][0] == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), emb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_dtype_close_to_fp32():
+    gen = torch.Generator().manual_seed(4)
+    emb, labels = torch.randn(6, 8, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        head = make_head(compute_dtype=dtype, impl="torch", margin=CombinedMargin(scale=16.0))
+        x = emb.clone().requires_grad_()
+        loss = head(x, labels)
+        loss.backward()
+        results.append((loss.item(), x.grad))
+    assert results[1][0] == pytest.approx(results[0][0], rel=2e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0.1, atol=2e-2)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        make_head(compute_dtype=torch.int8)
