@@ -1,8 +1,9 @@
 """The order of events in a training run; no parallel logic lives here.
 
-Build (data -> backbone -> head -> optimizers -> schedule), optionally resume, then for
-each step: forward the backbone (DDP), the Partial FC head (model-parallel), backward,
-clip, step both optimizers and schedules, log, checkpoint, evaluate.
+Build (data -> backbone -> head -> engine and optimizers -> schedule), optionally
+resume, then for each step: forward the backbone (DDP or DeepSpeed engine), the Partial
+FC head (model-parallel), backward, clip, step both optimizers and schedules, log,
+checkpoint, evaluate.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Trainer:
         self.cfg = cfg
         self.runtime = runtime
         self._stop_signal: Optional[int] = None
-        self.install_signal_handlers()  # first: a preemption during start-up still checkpoints
+        self.install_signal_handlers()  # first: a signal during start-up is remembered, not lost
         self.device = runtime.device
         self.output = Path(cfg.train.output)
         torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
