@@ -260,7 +260,7 @@ class Trainer:
     def _train_loop(self) -> dict:
         metrics_file = self.output / "metrics.jsonl"
         cfg = self.cfg.train
-        started, window_start, window_steps = time.time(), time.time(), 0
+        started, window_start, window_steps, window_wait = time.time(), time.time(), 0, 0.0
         last_loss = float("nan")
         while self.step < self.stop_step and self.epoch < cfg.epochs:
             batches = iter(self.source.epoch(self.epoch, self.batch_in_epoch))
@@ -271,13 +271,15 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 window_steps += 1
+                window_wait += data_wait
                 log_now = self.step % cfg.log_every == 0 or self.step == self.stop_step
                 if log_now:
                     last_loss = float(loss)  # host sync, only on log steps
                     now = time.time()
                     images_per_s = window_steps * self.cfg.data.batch_size * self.runtime.world_size / (now - window_start)
-                    self._log_step(metrics_file, last_loss, images_per_s, now - started)
-                    window_start, window_steps = now, 0
+                    self._log_step(metrics_file, last_loss, images_per_s, now - started,
+                                   data_wait_share=window_wait / max(now - window_start, 1e-9))
+                    window_start, window_steps, window_wait = now, 0, 0.0
                 if self.metrics is not None:
                     self.metrics.observe_step(
                         step=self.step, loss=last_loss if log_now else None,
@@ -306,7 +308,8 @@ class Trainer:
         self.source.close()
         return {"step": self.step, "loss": last_loss, "checkpoint": str(final)}
 
-    def _log_step(self, metrics_file: Path, loss: float, images_per_s: float, elapsed: float) -> None:
+    def _log_step(self, metrics_file: Path, loss: float, images_per_s: float, elapsed: float,
+                  data_wait_share: float) -> None:
         if not self.runtime.is_main:
             return
         lr = self.schedulers["backbone"].get_last_lr()[0]
@@ -315,7 +318,7 @@ class Trainer:
                  self.step, self.stop_step, self.epoch, loss, lr, images_per_s, remaining)
         with metrics_file.open("a") as f:
             f.write(json.dumps({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
-                                "images_per_s": images_per_s}) + "\n")
+                                "images_per_s": images_per_s, "data_wait_share": data_wait_share}) + "\n")
 
     def _maybe_evaluate(self) -> None:
         every = self.cfg.eval.every
