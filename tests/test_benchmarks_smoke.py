@@ -69,7 +69,11 @@ def test_head_benchmark_quick_writes_the_table(tmp_path):
     by_name = dict(zip(columns, cells))
     step_ours, step_base = float(by_name["step s ours"]), float(by_name["step s base"])
     assert step_ours > 0 and step_base > 0
-    assert float(by_name["time ratio"]) == pytest.approx(step_ours / step_base, rel=0.02, abs=0.006)
+    # The times are printed to 3 decimals (ms) and quick steps last a few ms, so bound the
+    # ratio by the rounding of both times, plus the ratio's own rounding to 2 decimals.
+    low = (step_ours - 0.0005) / (step_base + 0.0005) - 0.005
+    high = (step_ours + 0.0005) / (step_base - 0.0005) + 0.005
+    assert low <= float(by_name["time ratio"]) <= high, (by_name, low, high)
     assert by_name["kept rows/rank"] == "1,000"
     # Both paths see the same seeds and classes, so the report's loss check must be tight.
     gap = float(re.search(r"agree to a relative ([0-9.e+-]+)", text).group(1))
