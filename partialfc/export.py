@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from partialfc.eval.bin_format import atomic_output_path
+from partialfc.data.pixels import normalize_pixels
 
 __all__ = ["export_onnx", "verify_onnx", "main"]
 
@@ -35,7 +36,7 @@ IMAGE_SIZE = 112
 def _example_input(batch_size: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 255.0
-    return ((images - 127.5) / 128.0).to(device)
+    return normalize_pixels(images).to(device)
 
 
 def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = 17) -> None:

@@ -27,6 +27,7 @@ from partialfc.data.augment import decode_face
 from partialfc.data.recordio import atomic_write
 from partialfc.data.recordio_source import RecordDataset
 from partialfc.distributed import collectives
+from partialfc.data.pixels import normalize_pixels
 
 GATHER_ROWS = 16384  # rows per gather round: bounds device memory on every rank
 
@@ -77,8 +78,7 @@ def embed_range(model: nn.Module, dataset: RecordDataset, sample_ids: range, *, 
                         num_workers=num_workers, prefetch_factor=2 if num_workers else None)
     embeddings, labels, keys = [], [], []
     for images, batch_labels, batch_keys in loader:
-        pixels = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        pixels = (pixels - 127.5) / 128.0
+        pixels = normalize_pixels(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
         features = model(pixels).float()
         if flip:
             features = features + model(torch.flip(pixels, dims=[3])).float()

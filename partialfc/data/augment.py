@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from partialfc.data.base import Batch, BatchSource
+from partialfc.data.pixels import normalize_pixels
 
 IMAGE_SIZE = 112
 
@@ -39,7 +40,7 @@ def normalize_batch(images: np.ndarray, flips: np.ndarray) -> torch.Tensor:
     images = images.copy()
     images[flips] = images[flips, :, ::-1]
     tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return (tensor.float() - 127.5) / 128.0
+    return normalize_pixels(tensor)
 
 
 def epoch_plan(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int,

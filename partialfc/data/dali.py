@@ -29,6 +29,7 @@ import torch
 
 from partialfc.data.augment import IMAGE_SIZE
 from partialfc.data.base import Batch, BatchSource
+from partialfc.data.pixels import PIXEL_MEAN, PIXEL_SCALE
 from partialfc.data.recordio import MAGIC
 from partialfc.data.recordio_source import RecordDataset
 
@@ -149,8 +150,8 @@ class DaliRecordIOSource(BatchSource):
             images = fn.resize(images, resize_x=IMAGE_SIZE, resize_y=IMAGE_SIZE)
             mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
             images = fn.crop_mirror_normalize(
-                images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
-                std=[128.0] * 3, mirror=mirror)
+                images, dtype=types.FLOAT, output_layout="CHW", mean=[PIXEL_MEAN] * 3,
+                std=[PIXEL_SCALE] * 3, mirror=mirror)
             # Multi-float labels: the identity is the first float.
             class_ids = fn.cast(labels[0:1], dtype=types.INT64)
             return images, class_ids

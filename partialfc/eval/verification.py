@@ -26,6 +26,7 @@ from torch import nn
 
 from partialfc.eval.bin_format import atomic_output_path, decode_images, read_bin
 from partialfc.eval.metrics_math import format_far, kfold_threshold_accuracy, tar_at_far
+from partialfc.data.pixels import normalize_pixels
 
 __all__ = [
     "VerificationSet",
@@ -95,8 +96,7 @@ def clear_bin_cache() -> None:
 
 def _normalize_pixels(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 RGB -> float ``(x - 127.5) / 128``, the backbone's input convention."""
-    batch = batch_uint8.to(device, non_blocking=True).float()
-    return (batch - 127.5) / 128.0
+    return normalize_pixels(batch_uint8.to(device, non_blocking=True))
 
 
 @torch.inference_mode()

@@ -28,9 +28,10 @@ from torch import nn
 
 from partialfc.inversion.bn_prior import BatchNormStatisticsPrior
 from partialfc.inversion.losses import cosine_to_targets, l2_norm, total_variation
+from partialfc.data.pixels import PIXEL_MEAN, PIXEL_SCALE
 
-PIXEL_LOW = -127.5 / 128.0
-PIXEL_HIGH = 127.5 / 128.0
+PIXEL_LOW = (0.0 - PIXEL_MEAN) / PIXEL_SCALE
+PIXEL_HIGH = (255.0 - PIXEL_MEAN) / PIXEL_SCALE
 AMP_MODES = ("auto", "none", "fp16", "bf16")
 
 

@@ -18,6 +18,8 @@ from typing import List, Sequence, Union
 import numpy as np
 import torch
 
+from partialfc.data.pixels import denormalize_pixels, normalize_pixels
+
 PathLike = Union[str, os.PathLike]
 GRID_FILENAME = "grid.png"
 REPORT_FILENAME = "report.json"
@@ -28,13 +30,13 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) normalized floats -> (B, H, W, 3) uint8 pixels."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    pixels = images.detach().float().cpu() * 128.0 + 127.5
+    pixels = denormalize_pixels(images.detach().cpu())
     return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def from_uint8_images(pixels: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) normalized floats: what a saved PNG feeds the backbone."""
-    return (torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() - 127.5) / 128.0
+    return normalize_pixels(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2))
 
 
 def make_grid(pixels: np.ndarray, columns: int = 8) -> np.ndarray:
