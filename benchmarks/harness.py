@@ -41,6 +41,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from partialfc.atomic_io import atomic_output_path, atomic_write_text
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dense bf16 tensor-core peak in TFLOP/s from vendor datasheets (no sparsity).
@@ -243,9 +245,8 @@ def _rank_entry(rank, world_size, port, out_dir, mem_cap_bytes, fn, args):
         record["error"] = "OOM" if is_out_of_memory(error) else f"{type(error).__name__}: {error}"[:300]
         record["traceback"] = traceback.format_exc()
     path = os.path.join(out_dir, f"rank{rank}.pkl")
-    with open(path + ".tmp", "wb") as handle:
+    with atomic_output_path(path) as temp_path, open(temp_path, "wb") as handle:
         pickle.dump(record, handle)
-    os.replace(path + ".tmp", path)
     # The process group is torn down by process exit; a peer stuck in a collective with a
     # failed rank is terminated by the parent.
     os._exit(0)
@@ -318,15 +319,6 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically, creating its folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, text)

@@ -85,7 +85,7 @@ def write_synthetic_idx(path: str, entries: int, seed: int = 0) -> None:
 
 def index_case(idx_path: str, case: str) -> dict:
     """Runs inside a child process: time and memory of one way to load the index."""
-    from partialfc.data.recordio import load_index
+    from partialfc.data.recordio_index import load_index
 
     import torch
 

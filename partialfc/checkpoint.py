@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from partialfc.atomic_io import atomic_torch_save, atomic_write_text
 from partialfc.distributed import collectives
 
 FORMAT = "partialfc-checkpoint/1"
@@ -36,18 +37,6 @@ HEAD_FORMAT = "partialfc-head-shard/1"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, or from another model."""
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _load(path: Path):
@@ -137,8 +126,8 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
         tmp.mkdir(parents=True)
     _barrier(group)
-    _atomic_torch_save(_head_state(head, head_optimizer), tmp / f"head_rank{rank:05d}.pt")
-    _atomic_torch_save(_rng_state(head), tmp / f"rng_rank{rank:05d}.pt")
+    atomic_torch_save(_head_state(head, head_optimizer), tmp / f"head_rank{rank:05d}.pt")
+    atomic_torch_save(_rng_state(head), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
         save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone.state_dict())
         trainer_state = {
@@ -149,7 +138,7 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
             "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else {},
         }
-        _atomic_torch_save(trainer_state, tmp / "backbone_optimizer.pt")
+        atomic_torch_save(trainer_state, tmp / "backbone_optimizer.pt")
     _barrier(group)
     if rank == 0:
         manifest = {
@@ -167,11 +156,11 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
             ],
             "config": config_dict,
         }
-        _atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(root / "latest", final.name + "\n")
+        atomic_write_text(root / "latest", final.name + "\n")
         _prune(root, keep_last)
     _barrier(group)
     return final
@@ -285,7 +274,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     backbone = _load(step_dir / "backbone.pt")
-    _atomic_torch_save({
+    atomic_torch_save({
         "format": "partialfc-consolidated/1",
         "step": manifest["step"],
         "num_classes": manifest["num_classes"],

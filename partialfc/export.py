@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from partialfc.eval.bin_format import atomic_output_path
+from partialfc.atomic_io import atomic_output_path
 from partialfc.data.pixels import normalize_pixels
 
 __all__ = ["export_onnx", "verify_onnx", "main"]

@@ -3,7 +3,8 @@
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, initializes a
 gloo group on a free localhost port, calls ``fn(rank, world_size, *args)`` on each
 and returns the list of results in rank order. A failure on any rank re-raises in the
-test with that rank's traceback. ``fn`` must be importable (module level).
+test with that rank's traceback; ranks still running after ``timeout`` seconds are
+killed and the test fails. ``fn`` must be importable (module level).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 
 import torch
@@ -47,8 +49,14 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args),
                                      nprocs=world_size, join=False, start_method="spawn")
-        while not context.join(timeout=timeout):
-            pass
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:  # a hung rank must fail the test, not hang it
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise AssertionError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks did not finish "
+                                     f"within {timeout:.0f} s")
         results = []
         for rank in range(world_size):
             with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from partialfc.atomic_io import atomic_output_path
 from partialfc.data.augment import decode_face
-from partialfc.data.recordio import atomic_write
 from partialfc.data.recordio_source import RecordDataset
 from partialfc.distributed import collectives
 from partialfc.data.pixels import normalize_pixels
@@ -171,8 +171,10 @@ def save_embeddings(path: str, embeddings: np.ndarray, keys: np.ndarray) -> None
     """Write the rows and their record keys, each atomically (index last)."""
     if not path.endswith(".npy"):
         raise ValueError(f"--embeddings file must end in .npy, got {path!r}")
-    atomic_write(path, lambda handle: np.save(handle, np.asarray(embeddings, np.float32)))
-    atomic_write(index_path_for(path), lambda handle: np.save(handle, np.asarray(keys, np.int64)))
+    for target, array in ((path, np.asarray(embeddings, np.float32)),
+                          (index_path_for(path), np.asarray(keys, np.int64))):
+        with atomic_output_path(target) as temp_path, open(temp_path, "wb") as handle:
+            np.save(handle, array)
 
 
 def load_embeddings(path: str, expected_keys: np.ndarray, embedding_size: int) -> np.ndarray:

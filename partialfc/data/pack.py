@@ -17,10 +17,10 @@ import argparse
 import io
 import os
 import sys
-import tempfile
 from multiprocessing import Pool
 from typing import List, Optional, Sequence, Tuple
 
+from partialfc.atomic_io import atomic_output_path
 from partialfc.data.augment import IMAGE_SIZE
 from partialfc.data.image_folder import list_identity_folders
 from partialfc.data.recordio import IRHeader, frame, pack
@@ -84,13 +84,6 @@ def encode_item(args: Tuple[Item, int]) -> Tuple[int, Optional[bytes], str]:
     return key, frame(pack(IRHeader(0, label, key, 0), data)), ""
 
 
-def _tmp_name(path: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    return tmp
-
-
 def pack_dataset(image_dir: str, out_prefix: str, workers: int = 1, quality: int = 95,
                  lst_path: Optional[str] = None, progress: bool = True) -> dict:
     """Pack and return counts ``{num_images, num_classes, skipped}``."""
@@ -116,30 +109,25 @@ def pack_dataset(image_dir: str, out_prefix: str, workers: int = 1, quality: int
 
     from tqdm import tqdm
 
-    rec_tmp, idx_tmp = _tmp_name(out_prefix + ".rec"), _tmp_name(out_prefix + ".idx")
     messages: List[str] = []
     written = 0
-    try:
-        with open(rec_tmp, "wb") as rec, open(idx_tmp, "w", encoding="ascii") as idx, \
-                Pool(workers) if workers > 1 else _SerialPool() as pool:
-            jobs = pool.imap(encode_item, [(item, quality) for item in items], chunksize=16)
-            for key, record, message in tqdm(jobs, total=len(items), disable=not progress,
-                                             desc="pack", unit="img", file=sys.stderr):
-                if record is None:
-                    messages.append(message)
-                    continue
-                idx.write(f"{key}\t{rec.tell()}\n")
-                rec.write(record)
-                written += 1
-        if written == 0:
-            raise PackError(f"{image_dir}: none of {len(items)} files is a readable image")
-        os.replace(rec_tmp, out_prefix + ".rec")
+    # The .idx is the mark of a complete pack: the .rec and property go in place first.
+    with atomic_output_path(out_prefix + ".idx") as idx_tmp:
+        with atomic_output_path(out_prefix + ".rec") as rec_tmp:
+            with open(rec_tmp, "wb") as rec, open(idx_tmp, "w", encoding="ascii") as idx, \
+                    Pool(workers) if workers > 1 else _SerialPool() as pool:
+                jobs = pool.imap(encode_item, [(item, quality) for item in items], chunksize=16)
+                for key, record, message in tqdm(jobs, total=len(items), disable=not progress,
+                                                 desc="pack", unit="img", file=sys.stderr):
+                    if record is None:
+                        messages.append(message)
+                        continue
+                    idx.write(f"{key}\t{rec.tell()}\n")
+                    rec.write(record)
+                    written += 1
+            if written == 0:
+                raise PackError(f"{image_dir}: none of {len(items)} files is a readable image")
         write_property(out_dir, num_classes)
-        os.replace(idx_tmp, out_prefix + ".idx")
-    finally:
-        for tmp in (rec_tmp, idx_tmp):
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return {"num_images": written, "num_classes": num_classes,
             "skipped": skipped_files + len(messages), "unreadable": messages}
 

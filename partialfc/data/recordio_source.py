@@ -15,10 +15,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from partialfc.atomic_io import atomic_write_text
 from partialfc.data.augment import IndexedSampleSource
 from partialfc.data.base import BatchSource
-from partialfc.data.recordio import (CorruptRecordError, IndexedRecordReader, atomic_write,
-                                     label_of, unpack)
+from partialfc.data.recordio import CorruptRecordError, IndexedRecordReader, label_of, unpack
 
 
 def read_property(prefix_dir: str) -> Optional[Tuple[int, int, int]]:
@@ -38,8 +38,7 @@ def read_property(prefix_dir: str) -> Optional[Tuple[int, int, int]]:
 
 
 def write_property(prefix_dir: str, num_classes: int, height: int = 112, width: int = 112) -> None:
-    atomic_write(os.path.join(prefix_dir, "property"),
-                 lambda handle: handle.write(f"{num_classes},{height},{width}\n".encode()))
+    atomic_write_text(os.path.join(prefix_dir, "property"), f"{num_classes},{height},{width}\n")
 
 
 def image_key_layout(reader: IndexedRecordReader) -> Tuple[np.ndarray, Optional[Tuple[int, int]]]:

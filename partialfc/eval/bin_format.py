@@ -11,49 +11,26 @@ pickle protocols below 3; it is served by a stand-in that only encodes text.
 
 Files written by Python 2 (the original insightface sets) store images as ``str``;
 ``encoding="bytes"`` turns them back into ``bytes``.
-
-``atomic_output_path`` lives here because this is the lowest eval module; every eval
-writer (.bin, JSON, PNG, ONNX) goes through it.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
-from typing import Iterator, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from partialfc.atomic_io import atomic_output_path
+
 __all__ = [
     "UnsafePickleError",
-    "atomic_output_path",
     "read_bin",
     "write_bin",
     "decode_image",
     "decode_images",
 ]
-
-
-@contextlib.contextmanager
-def atomic_output_path(target: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside ``target``; on success it replaces ``target`` in one step.
-
-    For writers that want a path (torch.onnx.export, savefig, pickle). The temp file is
-    opened normally, so it gets the usual umask permissions; on error it is removed.
-    """
-    target = os.fspath(target)
-    directory = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(directory):
-        raise ValueError(f"output folder does not exist: {directory}")
-    temp_path = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(target)}")
-    try:
-        yield temp_path
-        os.replace(temp_path, target)
-    finally:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
 
 
 class UnsafePickleError(ValueError):
@@ -132,7 +109,7 @@ def read_bin(path: str | os.PathLike) -> Tuple[List[bytes], np.ndarray]:
 
 
 def write_bin(path: str | os.PathLike, bins: Sequence[bytes], issame: Sequence[bool]) -> None:
-    """Write ``(bins, issame)`` atomically (temp file in the same dir, then ``os.replace``)."""
+    """Write ``(bins, issame)`` atomically (``partialfc.atomic_io``)."""
     target = os.fspath(path)
     bins_list = list(bins)
     issame_list = [bool(item) if isinstance(item, (bool, np.bool_)) else item for item in issame]

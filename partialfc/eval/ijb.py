@@ -23,13 +23,14 @@ Prints the TAR@FAR table and writes ``OUT/roc.png`` and ``OUT/tar_at_far.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from partialfc.eval.bin_format import atomic_output_path
+from partialfc.atomic_io import atomic_output_path, atomic_write_text
 from partialfc.eval.metrics_math import format_far, roc_curve, tar_at_far
 
 __all__ = [
@@ -257,11 +258,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scores = pair_scores(ids, template_feats, template_1, template_2)
     table = roc_table(scores, issame)
     print(format_table(table, args.name))
-    from partialfc.eval.verification import write_json_atomic
-
     os.makedirs(args.out_dir, exist_ok=True)
     save_roc_png(scores, issame, os.path.join(args.out_dir, "roc.png"), args.name)
-    write_json_atomic(os.path.join(args.out_dir, "tar_at_far.json"), {"name": args.name, "tar_at_far": table})
+    atomic_write_text(os.path.join(args.out_dir, "tar_at_far.json"),
+                      json.dumps({"name": args.name, "tar_at_far": table}, indent=2, sort_keys=True))
     return 0
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from partialfc.eval.bin_format import atomic_output_path, decode_images, read_bin
+from partialfc.atomic_io import atomic_write_text
+from partialfc.eval.bin_format import decode_images, read_bin
 from partialfc.eval.metrics_math import format_far, kfold_threshold_accuracy, tar_at_far
 from partialfc.data.pixels import normalize_pixels
 
@@ -221,12 +222,6 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_json_atomic(path: str, payload) -> None:
-    """Write ``payload`` as JSON via a temp file in the same folder and ``os.replace``."""
-    with atomic_output_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2, sort_keys=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     from partialfc.models import load_backbone  # deferred: the CLI is the only user
@@ -236,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = evaluate_bin_sets(model, args.bins, args.batch_size, device, num_folds=args.folds)
     print(format_results(results))
     if args.json:
-        write_json_atomic(args.json, results)
+        atomic_write_text(args.json, json.dumps(results, indent=2, sort_keys=True))
     return 0
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Mapping, Union
 
 import torch
 from torch import nn
 
+from partialfc.atomic_io import atomic_torch_save
 from partialfc.models.registry import build_backbone, get_backbone_factory
 
 BACKBONE_FORMAT = "partialfc-backbone/1"
@@ -59,7 +59,7 @@ def _check_plain(value, where: str) -> None:
 
 
 def save_backbone(path: PathLike, name: str, kwargs: dict, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Write a backbone file atomically (temp file in the same directory, then rename).
+    """Write a backbone file atomically (``partialfc.atomic_io``).
 
     ``name`` must be a registered backbone and ``kwargs`` the arguments it was
     built with. Tensors are detached and moved to CPU; wrapper prefixes are
@@ -82,17 +82,7 @@ def save_backbone(path: PathLike, name: str, kwargs: dict, state_dict: Mapping[s
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    atomic_torch_save(payload, path)
 
 
 def resolve_backbone_path(path: PathLike) -> Path:

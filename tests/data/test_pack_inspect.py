@@ -44,7 +44,7 @@ def test_pack_folder_keeps_jpegs_and_labels(face_tree, tmp_path, capsys):
         header, body = unpack(reader.read_idx(len(samples)))
         image = Image.open(io.BytesIO(body))
         assert header.label == 5 and image.format == "JPEG" and image.size == (112, 112)
-    assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".partial")]
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp")]
 
 
 def test_pack_from_lst_with_multi_labels(face_tree, tmp_path):

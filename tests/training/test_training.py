@@ -82,7 +82,7 @@ def test_sigkill_leaves_only_complete_checkpoints(tmp_path):
         names = {p.name for p in step_dir.iterdir()}
         assert {"manifest.json", "backbone.pt", "backbone_optimizer.pt", "head_rank00000.pt",
                 "head_rank00001.pt"} <= names, names
-        assert not any(n.endswith(".partial") for n in names)
+        assert not any(n.startswith(".tmp") for n in names)
     from partialfc.checkpoint import find_latest, load_centers
 
     newest = find_latest(output)
