@@ -4,8 +4,9 @@ Layout of ``OUTPUT/checkpoints/``::
 
     step_00000100/
         manifest.json            what the run was (classes, K, D, backbone, world size, position)
-        backbone.pt              partialfc-backbone/1 (``partialfc.models.save_backbone``)
-        backbone_optimizer.pt    backbone optimizer + scheduler + grad scaler (rank 0; DDP keeps them equal)
+        backbone.pt              partialfc-backbone/1 (``partialfc.models.save_backbone``), fp32
+        backbone_optimizer.pt    the engine's state (backbone optimizer, schedule, grad scaler) and the
+                                 head's optimizer hyper-parameters and schedule (rank 0)
         head_rank00000.pt        one per rank: its class range, center rows and their optimizer rows
         rng_rank00000.pt         one per rank: torch (and CUDA) RNG and the head's sampling stream
     latest                       text: name of the newest complete step directory
@@ -17,6 +18,10 @@ that loading ignores. Loading uses ``torch.load(weights_only=True)`` only.
 
 Head rows are stored with their global class range, so a checkpoint written by W ranks
 loads onto W' ranks: each new shard copies its rows from whichever old shards overlap.
+The backbone's optimizer state is stored as full tensors per parameter, in torch's own
+optimizer format, by both engines (DeepSpeed's ZeRO partitions are gathered first, see
+``partialfc.distributed.engines``): it too loads on any world size and under either
+engine, and nothing in a checkpoint needs unpickling.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 from partialfc.atomic_io import atomic_torch_save, atomic_write_text
 from partialfc.distributed import collectives
 
-FORMAT = "partialfc-checkpoint/1"
+FORMAT = "partialfc-checkpoint/2"  # /2: engine state in torch format, any engine
 HEAD_FORMAT = "partialfc-head-shard/1"
 
 
@@ -112,9 +117,15 @@ def _rng_state(head) -> dict:
 
 
 def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, config_dict: dict,
-                    backbone_name: str, backbone_kwargs: dict, backbone, head, backbone_optimizer,
-                    head_optimizer, schedulers: dict, scaler=None, keep_last: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the final step directory."""
+                    backbone_name: str, backbone_kwargs: dict, backbone_state: dict, head, engine_state: Optional[dict],
+                    head_optimizer, head_scheduler=None, keep_last: int = 3) -> Path:
+    """Collective: every rank calls it. Returns the final step directory.
+
+    ``backbone_state`` and ``engine_state`` come from the engine's ``backbone_state_dict()``
+    and ``state_dict()`` (collective under DeepSpeed, so gathered on every rank before
+    this call); only rank 0 writes them. ``engine_state=None`` writes a checkpoint that
+    evaluates and exports but cannot resume training.
+    """
     from partialfc.models import save_backbone
 
     group = head.process_group
@@ -129,14 +140,12 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
     atomic_torch_save(_head_state(head, head_optimizer), tmp / f"head_rank{rank:05d}.pt")
     atomic_torch_save(_rng_state(head), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
-        save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone.state_dict())
+        save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone_state)
         trainer_state = {
-            # None: the engine keeps optimizer state we cannot store weights-only (DeepSpeed).
-            "backbone_optimizer": backbone_optimizer.state_dict() if backbone_optimizer is not None else None,
+            "engine": engine_state,
             "head_optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
                                       for g in head_optimizer.param_groups],
-            "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
-            "scaler": scaler.state_dict() if scaler is not None else {},
+            "head_scheduler": head_scheduler.state_dict() if head_scheduler is not None else None,
         }
         atomic_torch_save(trainer_state, tmp / "backbone_optimizer.pt")
     _barrier(group)
@@ -229,32 +238,35 @@ def load_centers(path: str | os.PathLike) -> torch.Tensor:
     return weight.view(manifest["num_classes"], manifest["num_subcenters"], manifest["embedding_size"])
 
 
-def load_checkpoint(path: str | os.PathLike, *, backbone, head, backbone_optimizer, head_optimizer,
-                    schedulers: dict, scaler=None, backbone_name: str) -> dict:
-    """Restore a training state in place (onto any world size); returns the manifest."""
-    from partialfc.models.inference import load_backbone_state_into
+def load_checkpoint(path: str | os.PathLike, *, engine, head, head_optimizer, head_scheduler=None,
+                    backbone_name: str) -> dict:
+    """Restore a training state in place (onto any world size, under either engine);
+    returns the manifest. ``engine`` is a ``partialfc.distributed.engines`` engine."""
+    from partialfc.models.inference import read_backbone_state
 
     step_dir = resolve_checkpoint(path)
     manifest = read_manifest(step_dir)
     check_compatible(manifest, num_classes=head.num_classes, num_subcenters=head.num_subcenters,
                      embedding_size=head.embedding_size, backbone_name=backbone_name, where=str(step_dir))
-    load_backbone_state_into(backbone, step_dir / "backbone.pt")
+    trainer_state = _load(step_dir / "backbone_optimizer.pt")
+    if trainer_state.get("engine") is None:
+        raise CheckpointError(f"{step_dir} holds no backbone optimizer state (written for evaluation only); "
+                              "it cannot resume training")
+    engine.load_backbone_state_dict(read_backbone_state(step_dir / "backbone.pt", engine.module))
+    try:
+        engine.load_state_dict(trainer_state["engine"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{step_dir / 'backbone_optimizer.pt'}: backbone optimizer state does not fit this "
+                              f"run: {exc}") from None
     weight, rows = load_head_rows(step_dir, manifest, head.class_start, head.num_local, head.num_subcenters)
     with torch.no_grad():
         head.weight.copy_(weight)
-    trainer_state = _load(step_dir / "backbone_optimizer.pt")
-    if trainer_state["backbone_optimizer"] is None:
-        raise CheckpointError(f"{step_dir} holds no backbone optimizer state (written by the deepspeed "
-                              "engine, whose resume is not supported yet); use it for evaluation only")
-    backbone_optimizer.load_state_dict(trainer_state["backbone_optimizer"])
     for group, saved in zip(head_optimizer.param_groups, trainer_state["head_optimizer_groups"]):
         group.update(saved)
     if rows:
         head_optimizer.state[head.weight] = {k: v.to(head.weight.device) for k, v in rows.items()}
-    for name, scheduler in schedulers.items():
-        scheduler.load_state_dict(trainer_state["schedulers"][name])
-    if scaler is not None and trainer_state["scaler"]:
-        scaler.load_state_dict(trainer_state["scaler"])
+    if head_scheduler is not None and trainer_state.get("head_scheduler") is not None:
+        head_scheduler.load_state_dict(trainer_state["head_scheduler"])
     rank = collectives.rank(head.process_group)
     rng_file = step_dir / f"rng_rank{rank:05d}.pt"
     if manifest["world_size"] == collectives.world_size(head.process_group) and rng_file.is_file():

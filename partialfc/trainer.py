@@ -100,12 +100,10 @@ class Trainer:
             accumulate=accumulate, micro_batch_size=cfg.data.batch_size // accumulate,
             zero_stage=cfg.train.zero_stage, user_json=cfg.train.deepspeed_config or None,
         )
-        self.backbone = self.engine.module  # DeepSpeed may have cast it (fp16 / bf16)
-        self.backbone_optimizer = self.engine.optimizer
+        self.backbone = self.engine.module  # unwrapped, for evaluation
         self.head_optimizer = build_optimizer(o.name, self.head.parameters(), lr=self.base_lr * cfg.head.lr_scale,
                                               row_sparse=True, **common)
         self.schedulers = {"backbone": self.engine.scheduler, "head": make_scheduler(self.head_optimizer)}
-        self.scaler = getattr(self.engine, "scaler", None)  # DDP + fp16 only; DeepSpeed scales itself
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -145,12 +143,13 @@ class Trainer:
         return path
 
     def _save(self) -> Path:
+        # Both calls are collective under DeepSpeed (ZeRO's partitions are gathered).
+        backbone_state, engine_state = self.engine.backbone_state_dict(), self.engine.state_dict()
         return ckpt.save_checkpoint(
             self.output, step=self.step, position=self._position(), config_dict=config_to_dict(self.cfg),
             backbone_name=self.cfg.model.backbone, backbone_kwargs=self.backbone_kwargs,
-            backbone=self.backbone, head=self.head,
-            backbone_optimizer=None if self.cfg.train.engine == "deepspeed" else self.backbone_optimizer,
-            head_optimizer=self.head_optimizer, schedulers=self.schedulers, scaler=self.scaler,
+            backbone_state=backbone_state, head=self.head, engine_state=engine_state,
+            head_optimizer=self.head_optimizer, head_scheduler=self.schedulers["head"],
             keep_last=self.cfg.train.keep_last,
         )
 
@@ -161,15 +160,9 @@ class Trainer:
         path = ckpt.find_latest(self.output) if resume == "auto" else ckpt.resolve_checkpoint(resume)
         if path is None:
             return None
-        if self.cfg.train.engine == "deepspeed":
-            # DeepSpeed's own checkpoints are pickles (not weights-only loadable) and a
-            # gathered-state resume was not exact in testing: refuse rather than drift.
-            raise ValueError("train.resume is not supported with train.engine = 'deepspeed' yet; "
-                             "resume with train.engine = 'ddp' from the same checkpoint is not possible either")
         manifest = ckpt.load_checkpoint(
-            path, backbone=self.backbone, head=self.head, backbone_optimizer=self.backbone_optimizer,
-            head_optimizer=self.head_optimizer, schedulers=self.schedulers, scaler=self.scaler,
-            backbone_name=self.cfg.model.backbone,
+            path, engine=self.engine, head=self.head, head_optimizer=self.head_optimizer,
+            head_scheduler=self.schedulers["head"], backbone_name=self.cfg.model.backbone,
         )
         self.step = manifest["step"]
         position = manifest["position"]

@@ -50,6 +50,11 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], "torch.optim.lr_scheduler.LRScheduler"]
 
 
+def _per_element(value, param) -> bool:
+    """Whether a torch optimizer state entry has one value per element of ``param``."""
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
+
+
 def _trainable(module: nn.Module) -> list:
     # Frozen parameters (the embedding BatchNorm's scale) stay out of the optimizer.
     return [p for p in module.parameters() if p.requires_grad]
@@ -118,6 +123,24 @@ class BackboneEngine:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
+    # -------------------------------------------------------------- checkpoint state
+    # Both engines speak one format, so a checkpoint resumes under either engine and on
+    # any world size: ``state_dict`` is ``{"optimizer": torch optimizer state dict over
+    # the trainable parameters in module order, "scheduler": ..., "scaler": ...}`` and
+    # ``backbone_state_dict`` is the module's full fp32 state dict. Collective for
+    # DeepSpeed (ZeRO's partitions are gathered): call them on every rank.
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def backbone_state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_backbone_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
     # -------------------------------------------------------------- engine parts
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -182,11 +205,18 @@ class DDPEngine(BackboneEngine):
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def backbone_state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_backbone_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state, strict=True)
+
 
 # ---------------------------------------------------------------------- DeepSpeed config
 # Keys we derive from our own config; a user JSON may repeat them only with equal values.
 _DERIVED = (("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",),
-            ("gradient_clipping",), ("fp16", "enabled"), ("bf16", "enabled"), ("zero_optimization", "stage"))
+            ("gradient_clipping",), ("fp16", "enabled"), ("bf16", "enabled"), ("torch_autocast", "enabled"),
+            ("torch_autocast", "dtype"), ("zero_optimization", "stage"))
 # The optimizer and schedule are ours (built by make_optimizer / make_scheduler).
 _FORBIDDEN = ("optimizer", "scheduler")
 
@@ -215,6 +245,13 @@ def deepspeed_config(*, micro_batch_size: int, accumulate: int, world_size: int,
 
     The user file may add any DeepSpeed option (bucket sizes, overlap_comm, ...); it may
     not change what our config already sets, nor define an optimizer or scheduler.
+
+    Mixed precision maps to DeepSpeed's ``torch_autocast``: parameters, ZeRO's master
+    copy and BatchNorm stay fp32, convolutions and linears compute in ``amp``'s dtype and
+    their gradients are reduced in it; fp16 adds the torch GradScaler that DeepSpeed's
+    ZeRO-1/2 optimizer drives. DeepSpeed's native ``bf16``/``fp16`` modes stay off: they
+    cast every parameter but not the buffers, which breaks BatchNorm (``expected scalar
+    type BFloat16 but found Float``) and is not the mixed precision our backbones use.
     """
     if amp not in AMP_MODES:
         raise ValueError(f"train.amp must be one of {AMP_MODES}, got {amp!r}")
@@ -227,8 +264,9 @@ def deepspeed_config(*, micro_batch_size: int, accumulate: int, world_size: int,
         "gradient_accumulation_steps": accumulate,
         "train_batch_size": micro_batch_size * accumulate * world_size,
         "gradient_clipping": float(clip_grad_norm),
-        "fp16": {"enabled": amp == "fp16"},
-        "bf16": {"enabled": amp == "bf16"},
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": amp != "none", "dtype": "float16" if amp == "fp16" else "bfloat16"},
         "zero_optimization": {"stage": zero_stage},
         # Our torch optimizer (SGD / AdamW) is not on DeepSpeed's list; ZeRO-1/2 only
         # partitions its flat state, which is safe for any elementwise optimizer.
@@ -286,13 +324,11 @@ class DeepSpeedEngine(BackboneEngine):
             model=backbone, optimizer=client_optimizer, lr_scheduler=scheduler, config=self.config,
             dist_init_required=False)
         self.module = self.ds_engine.module
-        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         self.device = device
+        self.clip_grad_norm = float(clip_grad_norm)
 
     def _forward(self, images):
-        if self.input_dtype is not None:
-            images = images.to(self.input_dtype)  # DeepSpeed's mixed precision holds half parameters
-        return self.ds_engine(images)
+        return self.ds_engine(images)  # fp32 parameters; bf16 compute comes from autocast
 
     def _backward_backbone(self, output, grad):
         # DeepSpeed averages over ranks: W * grad makes that average our sum. The loss
@@ -305,11 +341,24 @@ class DeepSpeedEngine(BackboneEngine):
     def _step(self):
         if not self.ds_engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's micro-step count disagrees with train.accumulate")
+        scaler = self._grad_scaler
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        if scaler is not None:
+            # DeepSpeed (0.19) ZeRO-1/2 with autocast fp16 clips by the norm of the still
+            # scaled gradients (the GradScaler unscales later, inside the optimizer step):
+            # clipping at clip * scale is clipping the true gradients at clip.
+            self.optimizer.clip_grad = self.clip_grad_norm * scale
         self.ds_engine.step()
+        if scaler is not None and not self.ds_engine.was_step_applied():
+            # ... and it skips a step whose gradients overflowed without backing off the
+            # GradScaler, so every later step would overflow too. Back off here, as
+            # GradScaler.update() would have.
+            scaler.update(new_scale=scale * scaler.get_backoff_factor())
         norm = self.ds_engine.get_global_grad_norm()
-        if norm is None or self.ds_engine.gradient_clipping() <= 0:
+        if norm is None or self.clip_grad_norm <= 0:
             return None
-        return norm if torch.is_tensor(norm) else torch.tensor(float(norm))
+        norm = norm if torch.is_tensor(norm) else torch.tensor(float(norm))
+        return norm / scale  # the scaled gradients' norm, for fp16 (scale is 1 otherwise)
 
     @property
     def step_was_skipped(self) -> bool:
@@ -319,15 +368,145 @@ class DeepSpeedEngine(BackboneEngine):
     def zero_grad(self):
         self.ds_engine.zero_grad()
 
+    # -------------------------------------------------------------- checkpoint state
+    # ZeRO-1/2 keep each optimizer state (and, in mixed precision, the fp32 master
+    # weights) as flat partitions spread over the ranks. DeepSpeed's own checkpoints
+    # store those partitions pickled, per rank, tied to this world size. Instead, the
+    # tensor-fragment API (deepspeed.utils.safe_get/set_full_*) assembles each
+    # parameter's full fp32 tensor: the result is a plain torch optimizer state dict,
+    # loadable with weights_only=True, by either engine, on any world size.
+    def _zero_optimizer(self):
+        zero = self.optimizer
+        if not hasattr(zero, "single_partition_of_fp32_groups") or not hasattr(zero, "bit16_groups"):
+            raise NotImplementedError(f"checkpointing DeepSpeed's {type(zero).__name__} is not supported "
+                                      "(partialfc drives ZeRO stage 1 or 2)")
+        return zero
+
+    def _groups(self):
+        """(base param group, its flat fp32 partition, the module parameters in it) per group."""
+        zero = self._zero_optimizer()
+        base = zero.optimizer
+        return [(group, zero.single_partition_of_fp32_groups[i], zero.bit16_groups[i])
+                for i, group in enumerate(base.param_groups)]
+
+    @property
+    def _grad_scaler(self):
+        """The torch GradScaler DeepSpeed's ZeRO optimizer runs for autocast fp16, else None."""
+        return getattr(self.optimizer, "torch_autocast_gradscaler", None)
+
+    def _param_indices(self) -> dict:
+        return {id(p): i for i, p in enumerate(_trainable(self.module))}
+
     def state_dict(self) -> dict:
-        # Not done yet: DeepSpeed's own checkpoints pickle Python objects (weights_only
-        # cannot read them), and a gather of ZeRO's partitions through
-        # deepspeed.utils.safe_get/set_full_* did not yet resume step-exactly.
-        raise NotImplementedError("checkpointing the DeepSpeed engine is not implemented yet; use train.engine = ddp "
-                                  "for runs that must resume")
+        """Collective. The backbone optimizer as ``torch.optim.Optimizer.state_dict()`` would
+        give it for the unwrapped module, plus the schedule and DeepSpeed's step counters."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        index = self._param_indices()
+        base = self._zero_optimizer().optimizer
+        state, groups = {}, []
+        for group, flat, params in self._groups():
+            flat_state = base.state.get(flat, {})
+            # Tensors the size of the partition are per-element state (momentum, Adam's
+            # moments); anything else (Adam's step) is one value for the whole group.
+            per_element = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape]
+            shared = {k: (v.detach().clone().cpu() if torch.is_tensor(v) else v)
+                      for k, v in flat_state.items() if k not in per_element}
+            for param in params:
+                entry = dict(shared)
+                for key in per_element:
+                    entry[key] = safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                if flat_state:
+                    state[index[id(param)]] = entry
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [index[id(p)] for p in params]})
+        engine = self.ds_engine
+        return {"optimizer": {"state": state, "param_groups": groups},
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self._grad_scaler.state_dict() if self._grad_scaler is not None else {},
+                "deepspeed": {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
+                              "skipped_steps": int(engine.skipped_steps)}}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError("checkpointing the DeepSpeed engine is not implemented yet")
+        """Scatter a torch-format optimizer state (from either engine, any world size) into
+        ZeRO's partitions on this rank."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        saved = state["optimizer"]
+        params = _trainable(self.module)
+        saved_groups = saved["param_groups"]
+        groups = self._groups()
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"backbone optimizer state has {len(saved_groups)} parameter groups, this engine has "
+                             f"{len(groups)}")
+        base = self._zero_optimizer().optimizer
+        index = self._param_indices()
+        for (group, flat, members), saved_group in zip(groups, saved_groups):
+            wanted = [index[id(p)] for p in members]
+            if sorted(saved_group["params"]) != sorted(wanted):
+                raise ValueError("backbone optimizer state does not match this model's parameters "
+                                 f"(group holds {len(saved_group['params'])} tensors, expected {len(wanted)})")
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+            entries = [saved["state"].get(i) for i in wanted]
+            if all(e is None for e in entries):
+                continue  # saved before the first step: nothing to restore
+            if any(e is None for e in entries):
+                raise ValueError("backbone optimizer state covers only part of a parameter group")
+            flat_state = base.state.setdefault(flat, {})
+            first = entries[0]
+            for key, value in first.items():
+                if _per_element(value, members[0]):
+                    flat_state.setdefault(key, torch.zeros_like(flat))
+                else:  # one value per group (Adam's step count)
+                    flat_state[key] = value.clone().to(flat.device) if torch.is_tensor(value) else value
+            # A fresh engine has no optimizer state yet (it appears at the first step);
+            # point the fragment mappings at the tensors just created, then scatter.
+            self._relink()
+            for param, entry in zip(members, entries):
+                for key, value in entry.items():
+                    if _per_element(value, param):
+                        safe_set_full_optimizer_state(param, value.to(flat.device, torch.float32), key)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self._grad_scaler is not None and state.get("scaler"):
+            self._grad_scaler.load_state_dict(state["scaler"])
+        counters = state.get("deepspeed")
+        if counters:  # for DeepSpeed's own logging; the schedule above is what trains
+            engine = self.ds_engine
+            engine.global_steps = counters["global_steps"]
+            engine.global_samples = counters["global_samples"]
+            engine.skipped_steps = counters["skipped_steps"]
+            engine.micro_steps = counters["global_steps"] * self.accumulate
+
+    def _relink(self) -> None:
+        """Point the parameters' fragment mappings at the current optimizer state tensors."""
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        zero = self._zero_optimizer()
+        for group, flat, members in self._groups():
+            lazy_init_hp_params_optimizer_state(members, flat, zero.optimizer.state)
+        zero._hp_optimizer_states_linked = True
+
+    def backbone_state_dict(self) -> dict:
+        """Collective. The module's state with every trainable parameter as ZeRO's fp32 master copy."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        for param in _trainable(self.module):
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                state[names[id(param)]] = full.detach().cpu().clone()
+        return state
+
+    def load_backbone_state_dict(self, state: dict) -> None:
+        """Load the module, then overwrite ZeRO's fp32 partitions, which the next step
+        would otherwise copy back over the loaded weights."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        self.module.load_state_dict(state, strict=True)
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        for param in _trainable(self.module):
+            safe_set_full_fp32_param(param, state[names[id(param)]].to(param.device, torch.float32))
 
     def train(self, mode: bool = True) -> None:
         self.ds_engine.train(mode)

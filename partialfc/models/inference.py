@@ -191,15 +191,16 @@ def load_backbone(path: PathLike, map_location="cpu") -> nn.Module:
     return model.eval()
 
 
-def load_backbone_state_into(model: nn.Module, path: PathLike, map_location="cpu") -> str:
-    """Load a stored backbone's weights into an existing ``model`` (resume); returns its name.
+def read_backbone_state(path: PathLike, model: nn.Module, map_location="cpu") -> dict:
+    """A stored backbone's state dict, checked against ``model`` but not loaded into it.
 
-    Same checks as ``load_backbone``: format, wrapper prefixes, and a mismatch report
-    naming missing, unexpected and mis-shaped keys.
+    For callers that load through something else (a training engine, which must also
+    refresh its own copy of the weights). Same checks as ``load_backbone``: format,
+    wrapper prefixes, and a mismatch report naming missing, unexpected and mis-shaped keys.
     """
     file = resolve_backbone_path(path)
     payload = _read_backbone_file(file, map_location)
     state_dict = _strip_wrapper_prefixes(payload["state_dict"])
     _check_state_dict_matches(file, model, state_dict)
-    model.load_state_dict(state_dict, strict=True)
-    return payload["name"]
+    return state_dict
+

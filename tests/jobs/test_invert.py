@@ -284,8 +284,8 @@ def checkpoint(tmp_path_factory):
         head.weight.copy_(backbone(smooth_images(NUM_CLASSES * NUM_SUBCENTERS, generator)))
     step_dir = save_checkpoint(
         root, step=3, position={}, config_dict={}, backbone_name="mobilefacenet_tiny", backbone_kwargs=kwargs,
-        backbone=backbone, head=head, backbone_optimizer=torch.optim.SGD(backbone.parameters(), lr=0.1),
-        head_optimizer=torch.optim.SGD([head.weight], lr=0.1), schedulers={}, keep_last=1,
+        backbone_state=backbone.state_dict(), head=head, engine_state=None,
+        head_optimizer=torch.optim.SGD([head.weight], lr=0.1), keep_last=1,
     )
     face = root / "face.png"
     Image.fromarray(((smooth_images(1, generator)[0].permute(1, 2, 0).numpy() * 128) + 127.5)

@@ -6,7 +6,8 @@ clip and SGD. Two gloo ranks with either engine must reproduce its losses, gradi
 norms and weights -- which fails if the backbone's gradients were averaged over ranks
 instead of summed, or if DeepSpeed's rescaling leaked into the head.
 
-The DDP engine's ``state_dict`` (through bytes, weights-only) resumes step-exactly.
+Each engine's ``state_dict`` (through bytes, weights-only) resumes step-exactly, under
+either engine.
 
 BatchNorm runs in eval mode in these tests (its parameters still train): in train mode
 each rank, and each micro-batch, normalizes with its own batch statistics, so a split
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import os
 
 import pytest
@@ -95,21 +97,31 @@ def _dense(grad):
 
 
 # ---------------------------------------------------------------------- per-rank runs
-def _train_on_rank(kind, zero_stage, accumulate, steps, capture_grads=False):
+def _grad_scaler(engine):
+    """The fp16 GradScaler of either engine (DDP's own, DeepSpeed's inside ZeRO), or None."""
+    return getattr(engine, "scaler", None) or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+
+
+def _train_on_rank(kind, zero_stage, accumulate, steps, capture_grads=False, amp="none", init_scale=None,
+                   batchnorm_train=False):
     """Train ``steps`` optimizer steps; each rank's batch is split into ``accumulate`` micro-batches."""
     from partialfc.distributed.engines import build_engine
     from partialfc.optim import RowSparseSGD
 
     rank = torch.distributed.get_rank()
     backbone = _backbone()
+    backbone.amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     head = _head()
     head_optimizer = RowSparseSGD(head.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=DECAY)
     head_schedule = _schedule(head_optimizer)
     micro = BATCH // accumulate
     engine = build_engine(kind, backbone, device=torch.device("cpu"), make_optimizer=_sgd,
                           make_scheduler=_schedule, clip_grad_norm=CLIP, accumulate=accumulate,
-                          micro_batch_size=micro, zero_stage=zero_stage)
-    engine.train(False)
+                          micro_batch_size=micro, zero_stage=zero_stage, amp=amp)
+    engine.train(batchnorm_train)
+    start = _flat(engine.module)
+    if amp == "fp16" and init_scale is not None:
+        _grad_scaler(engine)._init_scale = init_scale  # before its first use; no public setter
     losses, norms, grads = [], [], []
     for images, labels in _batches(rank, WORLD, BATCH, steps):
         engine.zero_grad()
@@ -130,19 +142,33 @@ def _train_on_rank(kind, zero_stage, accumulate, steps, capture_grads=False):
         head_schedule.step()
         losses.append(step_loss)
         norms.append(float(norm))
+    scaler = _grad_scaler(engine)
     return {"losses": losses, "norms": norms, "backbone": _flat(engine.module), "head": head.weight.detach().clone(),
-            "grads": grads, "lr": engine.optimizer.param_groups[0]["lr"]}
+            "grads": grads, "lr": engine.optimizer.param_groups[0]["lr"], "start": start,
+            "scale": scaler.get_scale() if scaler is not None else None}
 
 
 def _engines_worker(rank, world_size, runs):
     return {name: _train_on_rank(kind, stage, 1, STEPS) for name, (kind, stage) in runs.items()}
 
 
+def _amp_worker(rank, world_size, amp):
+    # BatchNorm in train mode: eval mode with fresh running statistics gives gradient
+    # norms ~4e5 on this tiny model, beyond fp16. Both engines normalize per rank alike.
+    runs = {name: _train_on_rank(kind, stage, 1, STEPS, amp=amp, init_scale=2.0**8, batchnorm_train=True)
+            for name, (kind, stage) in {"ddp": ("ddp", 1), "zero2": ("deepspeed", 2)}.items()}
+    if amp == "fp16":  # a scale that overflows fp16 at once must back off until steps apply
+        runs["overflowing"] = _train_on_rank("deepspeed", 1, 1, 8, amp=amp, init_scale=2.0**12,
+                                             batchnorm_train=True)
+    return runs
+
+
 def _accumulation_worker(rank, world_size, kind, stage):
-    results = {k: _train_on_rank(kind, stage, k, 2, capture_grads=True) for k in (1, 2)}
-    if kind == "ddp":  # the DeepSpeed engine has no checkpoint state yet
-        results["resume"] = _resume_matches_continuing(kind, stage)
-    return results
+    return {k: _train_on_rank(kind, stage, k, 2, capture_grads=True) for k in (1, 2)}
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=DECAY)
 
 
 def _one_step(engine, images, labels):
@@ -154,30 +180,44 @@ def _one_step(engine, images, labels):
     return float(loss.detach())
 
 
-def _resume_matches_continuing(kind, stage):
-    """An engine rebuilt from ``state_dict`` continues exactly like the original."""
+def _resume_worker(rank, world_size, saved_by, resumed_by, optimizer):
+    """Train 2 steps with ``saved_by`` = (kind, stage), save its state through bytes
+    (weights-only, as through a checkpoint file), rebuild ``resumed_by`` from a
+    differently initialized backbone, load, and continue both for 2 steps."""
     from partialfc.distributed.engines import build_engine
 
-    rank = torch.distributed.get_rank()
     batches = _batches(rank, WORLD, BATCH, 4)
-    common = dict(device=torch.device("cpu"), make_optimizer=_sgd, make_scheduler=_schedule, clip_grad_norm=CLIP,
-                  micro_batch_size=BATCH, zero_stage=stage)
-    original = build_engine(kind, _backbone(), **common)
-    original.train(False)
+    make_optimizer = {"sgd": _sgd, "adamw": _adamw}[optimizer]
+
+    def engine(kind_stage, backbone):
+        kind, stage = kind_stage
+        built = build_engine(kind, backbone, device=torch.device("cpu"), make_optimizer=make_optimizer,
+                             make_scheduler=_schedule, clip_grad_norm=CLIP, micro_batch_size=BATCH,
+                             zero_stage=stage)
+        built.train(False)
+        return built
+
+    def through_bytes(state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=True)
+
+    original = engine(saved_by, _backbone())
     for images, labels in batches[:2]:
         _one_step(original, images, labels)
-    buffer = io.BytesIO()  # through bytes, as through a checkpoint file: copies, weights-only
-    torch.save(original.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    backbone = _backbone()
-    backbone.load_state_dict(original.module.state_dict())  # weights travel in the model checkpoint
-    resumed = build_engine(kind, backbone, **common)
-    resumed.train(False)
+    weights, state = through_bytes(original.backbone_state_dict()), through_bytes(original.state_dict())
+    torch.manual_seed(99)  # other initial weights: a stale copy anywhere would show
+    from partialfc.models import build_backbone
+
+    resumed = engine(resumed_by, build_backbone("mobilefacenet_tiny", embedding_size=EMBEDDING).eval())
+    resumed.load_backbone_state_dict(weights)
     resumed.load_state_dict(state)
     continued = [_one_step(original, *batch) for batch in batches[2:]]
     replayed = [_one_step(resumed, *batch) for batch in batches[2:]]
-    return continued, replayed, _flat(original.module), _flat(resumed.module)
+    return {"continued": continued, "replayed": replayed, "original": _flat(original.module),
+            "resumed": _flat(resumed.module), "lr": (original.optimizer.param_groups[0]["lr"],
+                                                     resumed.optimizer.param_groups[0]["lr"])}
 
 
 # ---------------------------------------------------------------------- reference
@@ -243,15 +283,33 @@ def test_deepspeed_zero1_zero2_match_ddp_and_reference():
         assert result["zero1"]["losses"] == pytest.approx(result["ddp"]["losses"], rel=1e-5)
 
 
+@needs_deepspeed
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_deepspeed_mixed_precision_matches_ddp(amp):
+    """DeepSpeed's autocast path trains like DDP's at the same amp setting. Catches
+    clipping by the loss-scaled norm (norms off by the scale) and a GradScaler that
+    never backs off (no step ever applies)."""
+    for result in run_ranks(_amp_worker, WORLD, amp):
+        ddp, zero2 = result["ddp"], result["zero2"]
+        # ZeRO reduces convolution/linear gradients in the amp dtype, DDP in fp32.
+        assert zero2["losses"] == pytest.approx(ddp["losses"], rel=2e-2), amp
+        assert zero2["norms"] == pytest.approx(ddp["norms"], rel=0.15), amp  # a loss-scaled norm is 256x
+        assert all(math.isfinite(n) for n in ddp["norms"]) and any(n > CLIP for n in ddp["norms"])  # clipped
+        # Weights: within a quarter of how far training moved them (measured: 13 % for
+        # bf16, whose gradient reduction keeps 8 mantissa bits; 6 % for fp16). Clipping
+        # by the scaled norm or a never-applied step is off by ~100 %.
+        moved = (ddp["backbone"] - ddp["start"]).norm()
+        assert (zero2["backbone"] - ddp["backbone"]).norm() < 0.25 * moved, amp
+        if amp == "fp16":
+            overflowing = result["overflowing"]
+            assert overflowing["scale"] < 2.0**12
+            assert (overflowing["backbone"] - overflowing["start"]).abs().max() > 0
+
+
 @pytest.mark.parametrize("kind,stage", [("ddp", 1), pytest.param("deepspeed", 2, marks=needs_deepspeed)])
-def test_accumulation_and_resume(kind, stage):
+def test_accumulation(kind, stage):
     results = run_ranks(_accumulation_worker, WORLD, kind, stage)
     for rank_result in results:
-        if "resume" in rank_result:
-            continued, replayed, original_weights, resumed_weights = rank_result["resume"]
-            assert replayed == pytest.approx(continued, rel=1e-6)
-            assert continued[0] != pytest.approx(continued[1], rel=1e-3)  # the steps did change the model
-            torch.testing.assert_close(resumed_weights, original_weights)
         whole, halves = rank_result[1], rank_result[2]
         for (head_whole, backbone_whole), (head_halves, backbone_halves) in zip(whole["grads"], halves["grads"]):
             # A half batch runs other conv kernels (oneDNN blocks by batch size), and the
@@ -269,6 +327,24 @@ def test_accumulation_and_resume(kind, stage):
     torch.testing.assert_close(results[0][2]["backbone"], results[1][2]["backbone"])  # ranks agree
 
 
+@pytest.mark.parametrize("saved_by,resumed_by,optimizer", [
+    (("ddp", 1), ("ddp", 1), "sgd"),
+    pytest.param(("deepspeed", 2), ("deepspeed", 2), "adamw", marks=needs_deepspeed, id="zero2-zero2-adamw"),
+    # Across engines with SGD only: AdamW turns the engines' different summation order
+    # in near-zero gradients into +-lr steps, so two engines never agree past one step.
+    pytest.param(("deepspeed", 1), ("ddp", 1), "sgd", marks=needs_deepspeed, id="zero1-ddp-sgd"),
+    pytest.param(("ddp", 1), ("deepspeed", 2), "sgd", marks=needs_deepspeed, id="ddp-zero2-sgd"),
+])
+def test_engine_state_resumes_step_exactly(saved_by, resumed_by, optimizer):
+    """Either engine's state (weights-only bytes) continues the run exactly, under
+    either engine: the state is one format, full tensors per parameter."""
+    for result in run_ranks(_resume_worker, WORLD, saved_by, resumed_by, optimizer):
+        assert result["replayed"] == pytest.approx(result["continued"], rel=1e-6)
+        assert result["continued"][0] != pytest.approx(result["continued"][1], rel=1e-3)  # steps change the model
+        torch.testing.assert_close(result["resumed"], result["original"], rtol=1e-5, atol=1e-7)
+        assert result["lr"][0] == result["lr"][1]
+
+
 # ---------------------------------------------------------------------- config and errors
 def test_deepspeed_config_from_ours_and_user_json(tmp_path):
     from partialfc.distributed.engines import deepspeed_config
@@ -278,15 +354,28 @@ def test_deepspeed_config_from_ours_and_user_json(tmp_path):
     assert config["train_batch_size"] == 7 * 3 * 5
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (7, 3)
     assert config["gradient_clipping"] == 2.0
-    assert (config["fp16"]["enabled"], config["bf16"]["enabled"]) == (False, True)
+    # Mixed precision through torch autocast; DeepSpeed's own casting modes stay off.
+    assert (config["fp16"]["enabled"], config["bf16"]["enabled"]) == (False, False)
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    fp16 = deepspeed_config(micro_batch_size=7, accumulate=3, world_size=5, clip_grad_norm=2.0, amp="fp16",
+                            zero_stage=2)
+    assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"}
+    fp32 = deepspeed_config(micro_batch_size=7, accumulate=3, world_size=5, clip_grad_norm=2.0, amp="none",
+                            zero_stage=2)
+    assert fp32["torch_autocast"]["enabled"] is False
     assert config["zero_optimization"] == {"stage": 2}
 
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
+                                "torch_autocast": {"enabled": True}}))
     merged = deepspeed_config(micro_batch_size=7, accumulate=3, world_size=5, clip_grad_norm=2.0, amp="bf16",
                               zero_stage=2, user_json=str(user))
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert merged["train_batch_size"] == 105
+    user.write_text(json.dumps({"bf16": {"enabled": True}}))  # DeepSpeed's casting mode breaks BatchNorm
+    with pytest.raises(ValueError, match=r"ds\.json.*bf16\.enabled = True"):
+        deepspeed_config(micro_batch_size=7, accumulate=3, world_size=5, clip_grad_norm=2.0, amp="bf16",
+                         zero_stage=2, user_json=str(user))
 
     user.write_text(json.dumps({"gradient_accumulation_steps": 4}))
     with pytest.raises(ValueError, match=r"ds\.json.*gradient_accumulation_steps = 4"):

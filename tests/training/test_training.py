@@ -6,6 +6,7 @@ checkpoint of another model is refused by name.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,15 @@ TINY = [
     "model.backbone=mobilefacenet_tiny", "model.embedding_size=64", "data.num_classes=13", "data.batch_size=8",
     "data.num_samples=400", "train.log_every=1", "head.sample_rate=0.5", "head.scale=16.0", "optim.warmup_epochs=0.1",
 ]
+
+
+# A step's loss is not world-size invariant even with the same global batch: BatchNorm
+# normalizes each rank's own images (8 per rank on 3 ranks, 12 on 2), and SyncBatchNorm
+# does not run on CPU. Measured here from identical weights (step 1, this config):
+# 8.41 on 3 ranks vs 7.25 on 2, 14 %. The exact guarantees (centers and momentum rows
+# re-cut bit for bit; backbone optimizer state as full tensors, see test_engines) are
+# asserted exactly; the next-step loss only within this bound.
+RESIZE_RTOL = 0.2
 
 
 def train(output, *overrides, nproc=2, check=True, **popen):
@@ -116,25 +126,60 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
     assert manifest["step"] >= last_logged and manifest["step"] < 500
 
 
-def test_resume_on_another_world_size_recuts_shards(tmp_path):
+def _step_loss(output, step):
+    return dict(losses(output))[step]
+
+
+def test_resume_on_another_world_size(tmp_path):
+    """3 -> 2 -> 3 ranks. 3 ranks x 8 images and 2 x 12 are the same global batches, so a
+    resized run takes the same next step as a same-size one, up to BatchNorm's per-rank
+    batch statistics (8 vs 12 images); the re-cut itself is exact."""
+    import shutil
+
     from partialfc.checkpoint import load_centers, load_head_rows, read_manifest, resolve_checkpoint
 
+    on3, on2 = ("data.batch_size=8", "head.sample_rate=1.0"), ("data.batch_size=12", "head.sample_rate=1.0")
     three = tmp_path / "three"
-    train(three, "train.max_steps=2", nproc=3)
-    before = load_centers(three)
+    train(three, "train.max_steps=4", *on3, nproc=3)
     old_dir = resolve_checkpoint(three)
-    old_manifest = read_manifest(old_dir)
-    _, old_rows = load_head_rows(old_dir, old_manifest, 0, 13, 1)
-    # Resume on 2 ranks at the same step: no step is taken, the final save re-cuts.
-    train(three, "train.max_steps=2", "train.resume=auto", nproc=2)
-    new_dir = resolve_checkpoint(three)
+    _, old_rows = load_head_rows(old_dir, read_manifest(old_dir), 0, 13, 1)
+    before = load_centers(three)
+
+    # Re-cut without a step (the final save writes 2 shards): exact.
+    two = tmp_path / "two"
+    shutil.copytree(three, two)
+    train(two, "train.max_steps=4", "train.resume=auto", *on2, nproc=2)
+    new_dir = resolve_checkpoint(two)
     new_manifest = read_manifest(new_dir)
-    assert new_manifest["world_size"] == 2 and len(new_manifest["head_shards"]) == 2
-    assert [s["num_local"] for s in new_manifest["head_shards"]] == [7, 6]
-    torch.testing.assert_close(load_centers(three), before, rtol=0, atol=0)
+    assert new_manifest["world_size"] == 2 and [s["num_local"] for s in new_manifest["head_shards"]] == [7, 6]
+    torch.testing.assert_close(load_centers(two), before, rtol=0, atol=0)
     _, new_rows = load_head_rows(new_dir, new_manifest, 0, 13, 1)
     assert set(new_rows) == set(old_rows) == {"momentum_buffer"}
     torch.testing.assert_close(new_rows["momentum_buffer"], old_rows["momentum_buffer"], rtol=0, atol=0)
+
+    # The next step: 3 -> 3 vs 3 -> 2, then 2 -> 2 vs 2 -> 3.
+    train(three, "train.max_steps=5", "train.resume=auto", *on3, nproc=3)
+    train(two, "train.max_steps=5", "train.resume=auto", *on2, nproc=2)
+    assert _step_loss(two, 5) == pytest.approx(_step_loss(three, 5), rel=RESIZE_RTOL)
+    back = tmp_path / "back_to_three"
+    shutil.copytree(two, back)
+    train(two, "train.max_steps=6", "train.resume=auto", *on2, nproc=2)
+    train(back, "train.max_steps=6", "train.resume=auto", *on3, nproc=3)
+    assert _step_loss(back, 6) == pytest.approx(_step_loss(two, 6), rel=RESIZE_RTOL)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_run_resumes_exactly(tmp_path):
+    """ZeRO-2: the checkpoint holds the gathered optimizer state; the resumed run
+    reproduces the uninterrupted one's losses."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    engine = ("train.engine=deepspeed", "train.zero_stage=2")
+    train(full, "train.max_steps=5", *engine)
+    train(part, "train.max_steps=3", *engine)
+    train(part, "train.max_steps=5", "train.resume=auto", *engine)
+    uninterrupted, resumed = losses(full), losses(part)
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5]
+    assert resumed == [(s, pytest.approx(l, rel=1e-6)) for s, l in uninterrupted]
 
 
 def make_synthetic_bin(path, pairs=40):
