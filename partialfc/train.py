@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from partialfc.trainer import Trainer
 
     try:
-        runtime = init_runtime(cfg.train.device, cfg.train.backend)
+        runtime = init_runtime(cfg.train.device, cfg.train.backend, require_group=cfg.train.engine == "deepspeed")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -313,6 +314,9 @@ class DeepSpeedEngine(BackboneEngine):
             raise ValueError("train.engine = deepspeed needs torch.distributed to be initialized "
                              "(run under torchrun; one process works with --nproc_per_node=1)")
         super().__init__(backbone, accumulate, dist.get_world_size())
+        if self.world_size == 1:  # one process without torchrun: DeepSpeed asserts these exist
+            for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
         self.config = deepspeed_config(micro_batch_size=micro_batch_size, accumulate=accumulate,
                                        world_size=self.world_size, clip_grad_norm=clip_grad_norm, amp=amp,
                                        zero_stage=zero_stage, user_json=user_json)

@@ -41,17 +41,27 @@ def _choose_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_runtime(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> Runtime:
+def init_runtime(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0,
+                 require_group: bool = False) -> Runtime:
+    """Device and process group from torchrun's environment (one process without it).
+
+    A single process normally runs without a process group; ``require_group`` gives it
+    a group of one (DeepSpeed cannot run without one), rendezvoused in memory, so
+    ``python -m partialfc.train`` works without torchrun either way.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = _choose_device(device, local_rank)
-    if world_size == 1:
+    if world_size == 1 and not require_group:
         return Runtime(0, 0, 1, chosen, None)
     if backend == "auto":
         backend = "nccl" if chosen.type == "cuda" else "gloo"
     if backend == "nccl" and chosen.type != "cuda":
         raise ValueError("train.backend = 'nccl' needs CUDA devices; use gloo on CPU")
+    if world_size == 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=chosen if chosen.type == "cuda" else None)
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(

@@ -182,6 +182,26 @@ def test_deepspeed_run_resumes_exactly(tmp_path):
     assert resumed == [(s, pytest.approx(l, rel=1e-6)) for s, l in uninterrupted]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_in_one_process_then_ddp_on_two_ranks(tmp_path):
+    """DeepSpeed without torchrun (a process group of one is made for it), and its
+    checkpoint resumed by the DDP engine on 2 ranks: one checkpoint format for both."""
+    run = tmp_path / "run"
+    args = [a for o in TINY + ["train.engine=deepspeed", "train.max_steps=2", f"train.output={run}"]
+            for a in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-m", "partialfc.train", str(ROOT / "configs" / "demo.toml"), *args],
+                            cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    train(run, "train.max_steps=3", "train.resume=auto")  # ddp, 2 ranks
+    assert [s for s, _ in losses(run)] == [1, 2, 3]
+    from partialfc.checkpoint import read_manifest
+
+    assert read_manifest(run)["world_size"] == 2
+
+
 def make_synthetic_bin(path, pairs=40):
     """Pairs of synthetic faces: same identity (other noise) or different identities."""
     import io
