@@ -86,7 +86,6 @@ def run_clean(checkpoint: str, data: str, out_prefix: str, *, threshold_deg: flo
     ``embeddings_path``: reuse that ``.npy`` (and its ``.index.npy``) when it exists,
     otherwise compute the embeddings and save them there.
     """
-    import torch
 
     from partialfc.checkpoint import load_centers
     from partialfc.cleaning.embed import embed_dataset, load_embeddings, save_embeddings

@@ -437,7 +437,6 @@ class DeepSpeedEngine(BackboneEngine):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         saved = state["optimizer"]
-        params = _trainable(self.module)
         saved_groups = saved["param_groups"]
         groups = self._groups()
         if len(saved_groups) != len(groups):

@@ -5,7 +5,6 @@ from the format description (magic, length word, payload, zero pad; IRHeader
 ``<IfQQ``), so a reader bug cannot be hidden by a matching writer bug.
 """
 import io
-import os
 import struct
 
 import numpy as np

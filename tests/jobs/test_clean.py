@@ -24,7 +24,7 @@ from spawn import run_ranks
 from partialfc.checkpoint import FORMAT, HEAD_FORMAT
 from partialfc.clean import main
 from partialfc.cleaning.embed import gather_rows_to_rank0, index_path_for, sample_range
-from partialfc.cleaning.select import DROP_ANGLE, DROP_MIN_SAMPLES, KEPT, select_clean
+from partialfc.cleaning.select import DROP_ANGLE, DROP_MIN_SAMPLES, select_clean
 from partialfc.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
 from partialfc.models import build_backbone, save_backbone
 
