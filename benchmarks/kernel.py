@@ -2,251 +2,375 @@
 
 Why it is shaped like this:
 
-* Every case runs in its own subprocess, so one case's allocations (or an out-of-memory
-  failure of the naive path) cannot distort the next, and a memory cap can be set.
-* CPU memory: torch's CPU allocator keeps no peak statistics and tracemalloc does not see
-  its buffers, so we read the kernel's resident-set high-water mark. After the inputs
-  are built, ``/proc/self/clear_refs`` (value 5) resets ``VmHWM``; after one forward +
-  backward, ``peak extra = VmHWM - VmRSS(before)``. That counts everything the step
-  touched, including the sparse weight-gradient values (reported separately as
-  ``grad rows``, since the issue's bar excludes them). Large buffers are mmap'd by glibc
-  and returned on free, so the high-water mark is a fair "largest live set".
-* CPU cap: ``RLIMIT_AS`` (virtual address space) of the worker, ``--mem-cap-gb``, so a
-  naive case that would need more fails with an allocation error that we report as OOM
-  instead of waking the kernel's OOM killer on a shared machine.
-* CUDA: ``torch.cuda.max_memory_allocated`` above the baseline, CUDA-event timing, and
-  achieved TFLOP/s. Useful FLOPs are ``6 * B * k * K * D`` (forward logits, dX, dW; the
-  backward's recomputation is not counted), compared with the device's dense bf16 peak
-  (``--peak-tflops`` or a small table of known devices).
+* Every (case, round) runs in a fresh process (``harness.run_ranks`` with one rank), so one
+  case's allocations, thread pools or an out-of-memory failure of the naive path cannot
+  distort the next; on CPU the process gets an address-space cap (``--mem-cap-gb``) so a
+  case that does not fit fails with an allocation error we report as OOM.
+* Memory: ``harness.PeakMemory`` (CPU: the kernel's resident-set high-water mark reset
+  before the step; CUDA: ``max_memory_allocated``), above the inputs. It counts everything
+  the step touched, including the sparse weight-gradient values, which are reported
+  separately as ``grad rows`` since the issue's bar excludes them.
+* Time on a shared CPU box is noisy: each case reports the median over ``--rounds``
+  fresh processes of the median over the steps in each, next to the process CPU time
+  (all threads), which other jobs inflate less than wall time, and the 1-minute load
+  average when the case started. ``vs naive`` divides by the naive path's time at the
+  same shape in the same run.
+* ``--impls torch@REV`` loads ``kernels/margin_softmax_ref.py`` as it was at git revision
+  REV and times its chunked path: before / after of a change in one run, same machine
+  state. Every impl's ``sum(lse)`` is recorded, and the report states how far the impls
+  at one shape disagree.
+* CUDA: CUDA-event timing after ``--warmup`` steps (compilation, autotune), and achieved
+  TFLOP/s: useful FLOPs are ``6 * B * k * K * D`` (forward logits, dX, dW; the backward's
+  recomputation is not counted), against the device's dense bf16 peak (``--peak-tflops``
+  or ``harness.BF16_PEAK_TFLOPS``).
 
-CPU (what results/kernel.md holds):
-    python benchmarks/kernel.py --impls torch naive --batch 256 --classes 1e4 1e5 1e6 \
-        --subcenters 1 3 --repeats 0 --mem-cap-gb 15 --out benchmarks/results/kernel.md
-CUDA (same script; triton is picked for embeddings in bf16):
+CPU (what results/kernel.md holds; one table per command, ``--append`` adds one):
+    OMP_NUM_THREADS=1 python benchmarks/kernel.py --impls torch torch@HEAD naive --batch 256 \
+        --classes 1e4 1e5 --subcenters 1 3 --sample-rate 0.1 1.0 --rounds 3 --threads 1 \
+        --out benchmarks/results/kernel.md
+CUDA (same script; ``--dry-run`` lists the cases without running anything, anywhere):
     python benchmarks/kernel.py --device cuda --impls triton torch --dtype bfloat16 --batch 1024 \
-        --classes 100000 1000000 --subcenters 1 3
+        --classes 1e5 1e6 --subcenters 1 3 --sample-rate 1.0 --repeats 10
+Triton tiles compiled for a GPU arch without a GPU (registers, spills, shared memory):
+    python benchmarks/kernel.py --compile-check sm_90 --dim 512 --subcenters 1 3 --dtype bfloat16
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import importlib.util
+import itertools
 import os
-import platform
-import resource
+import shlex
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-# Dense bf16 tensor-core peak in TFLOP/s (vendor datasheets, without sparsity).
-_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+import torch
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (sibling module; benchmarks/ is not a package)
+
+IMPLS = ("triton", "torch", "naive")
+REF_PATH = "kernels/margin_softmax_ref.py"
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+# ------------------------------------------------------------------ implementations
+def _git_source(revision: str) -> str:
+    done = subprocess.run(["git", "show", f"{revision}:{REF_PATH}"], cwd=harness.REPO_ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"cannot read {REF_PATH} at {revision!r}: {done.stderr.strip()}")
+    return done.stdout
 
 
-def _reset_peak_rss() -> bool:
+def impl_function(spec: str):
+    """The callable behind an ``--impls`` entry: an impl name or ``torch@REV``."""
+    from partialfc.kernels import margin_softmax_stats
+
+    if "@" not in spec:
+        return lambda *args, **kwargs: margin_softmax_stats(*args, impl=spec, **kwargs)
+    with tempfile.NamedTemporaryFile("w", suffix="_margin_softmax_ref.py", delete=False) as handle:
+        handle.write(_git_source(spec.split("@", 1)[1]))
+    module_spec = importlib.util.spec_from_file_location("margin_softmax_ref_at_revision", handle.name)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # the reference imports nothing but torch
+    os.unlink(handle.name)
+    return module.margin_softmax_stats_torch
+
+
+def check_impl_spec(spec: str) -> str:
+    """argparse type: a known impl, or torch@REV with REV readable by git (named by its short hash)."""
+    name, _, revision = spec.partition("@")
+    if name not in IMPLS or (revision and name != "torch"):
+        raise argparse.ArgumentTypeError(f"impl must be one of {IMPLS} or torch@REV, got {spec!r}")
+    if not revision:
+        return spec
     try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+        _git_source(revision)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=harness.REPO_ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return f"torch@{commit or revision}"  # HEAD moves; the table keeps what was measured
 
 
-def _run_case(case: dict) -> dict:
-    """Worker body: build inputs, measure one step's memory, then time ``repeats`` steps."""
-    import torch
+# ------------------------------------------------------------------ one case, one process
+def bench_case(rank: int, world_size: int, partial: dict, case: dict) -> dict:
+    """Build inputs, measure one step's peak memory, then time ``repeats`` more steps."""
     import torch.nn.functional as F
 
     from partialfc.head.margins import CombinedMargin
-    from partialfc.kernels import margin_softmax_stats
 
-    torch.manual_seed(0)
+    fn = impl_function(case["impl"])
     device = torch.device(case["device"])
+    if device.type == "cpu" and case["threads"]:
+        torch.set_num_threads(case["threads"])
+    torch.manual_seed(0)
     dtype = getattr(torch, case["dtype"])
     batch, dim, classes, subs = case["batch"], case["dim"], case["classes"], case["subcenters"]
     weight = torch.nn.Parameter(torch.randn(classes * subs, dim, device=device) * 0.01)
     kept = max(1, round(case["sample_rate"] * classes))
-    class_index = torch.randperm(classes, device=device)[:kept].sort().values
+    if kept == classes:  # what PartialFC keeps at r = 1
+        class_index = torch.arange(classes, device=device)
+    else:
+        class_index = torch.randperm(classes, device=device)[:kept].sort().values
     target_position = torch.randint(0, kept, (batch,), device=device)
     embeddings = F.normalize(torch.randn(batch, dim, device=device), dim=1).to(dtype).requires_grad_()
     margin = CombinedMargin.preset("arcface")
     grad_lse = torch.ones(batch, device=device) / batch
     grad_target = -grad_lse
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def step(rows=weight, kept_index=class_index):
         rows.grad = None
         embeddings.grad = None
-        lse, target = margin_softmax_stats(
-            embeddings, rows, kept_index, target_position.clamp_max(kept_index.shape[0] - 1), subs,
-            margin, impl=case["impl"], chunk_size=case["chunk_size"],
-        )
+        lse, target = fn(embeddings, rows, kept_index, target_position.clamp_max(kept_index.shape[0] - 1),
+                         subs, margin, chunk_size=case["chunk_size"])
         torch.autograd.backward([lse, target], [grad_lse, grad_target])
+        return lse
 
-    # One-time costs (thread pools, BLAS buffers, kernel compilation) land in a small
-    # warm-up step on the same code path, not in the measured one.
+    # One-time costs (thread pools, BLAS buffers, compilation) land in a small step on
+    # the same code path; on CUDA also in --warmup full steps (autotune runs at the real shape).
     small = min(classes, 1000)
     step(torch.nn.Parameter(weight.detach()[: small * subs].clone()), torch.arange(small, device=device))
-
-    result = {"grad_rows_mb": kept * subs * dim * weight.element_size() / 2**20,
-              "weight_mb": weight.numel() * weight.element_size() / 2**20}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    for _ in range(case["warmup"] if device.type == "cuda" else 0):
         step()
-        torch.cuda.synchronize()
-        result["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        for _ in range(case["warmup"]):
-            step()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(case["repeats"]):
-            start.record()
-            step()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-    else:
-        base_kib = _proc_status_kib("VmRSS")
-        if not _reset_peak_rss():
-            result["note"] = "VmHWM not resettable: peak includes setup"
-        begin = time.perf_counter()
+    meter = harness.PeakMemory(device)
+    meter.set_baseline()
+    wall, cpu = [], []
+    with meter.phase() as peak:
+        sync()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
+        lse = step()
+        sync()
+        end, end_cpu = time.perf_counter(), time.process_time()
+    partial["peak_extra_bytes"] = peak["bytes"]
+    if device.type == "cpu":  # no compilation or autotune on CPU: the measured step counts
+        wall.append(end - begin)
+        cpu.append(end_cpu - begin_cpu)
+    for _ in range(case["repeats"]):
+        sync()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         step()
-        times = [time.perf_counter() - begin]  # no compile or autotune on CPU: the first step counts
-        result["peak_extra_mb"] = (_proc_status_kib("VmHWM") - base_kib) / 1024
-        for _ in range(case["repeats"]):
-            begin = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - begin)
-    times.sort()
-    result["seconds"] = times[len(times) // 2]
-    useful_flops = 6.0 * batch * kept * subs * dim
-    result["tflops"] = useful_flops / result["seconds"] / 1e12
-    return result
+        sync()
+        wall.append(time.perf_counter() - begin)
+        cpu.append(time.process_time() - begin_cpu)
+    seconds = statistics.median(wall)
+    return {
+        "seconds": seconds,
+        "cpu_seconds": statistics.median(cpu),
+        "peak_extra_bytes": peak["bytes"],
+        "grad_rows_bytes": kept * subs * dim * weight.element_size(),
+        "weight_bytes": weight.numel() * weight.element_size(),
+        "tflops": 6.0 * batch * kept * subs * dim / seconds / 1e12,
+        "lse_sum": float(lse.detach().double().sum()),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "memory_method": meter.method,
+    }
 
 
-def _worker_main(case_json: str) -> None:
-    case = json.loads(case_json)
-    if case["device"] == "cpu" and case["mem_cap_gb"] > 0:
-        cap = int(case["mem_cap_gb"] * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    try:
-        result = _run_case(case)
-    except (RuntimeError, MemoryError) as err:  # allocation failure under the cap
-        message = str(err).splitlines()[0][:120]
-        result = {"error": "OOM" if "alloc" in message.lower() or isinstance(err, MemoryError) else message}
-    print("RESULT " + json.dumps(result))
+# ------------------------------------------------------------------ compile check (no GPU needed)
+def compile_check(args) -> list[str]:
+    """Compile each Triton kernel's autotune survivors for a CUDA arch with ptxas; report resources.
+
+    Needs no GPU (triton's bundled ptxas and cuobjdump do the work), so on a CPU-only
+    machine it is the one GPU-side fact we can check: which tiles compile for the target
+    and whether they spill registers (STACK > 0) or exceed shared memory.
+    """
+    os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from partialfc.kernels import margin_softmax as module
+    from partialfc.kernels import margin_softmax_tiles as tiles
+
+    arch = int(args.compile_check.removeprefix("sm_"))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    element = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
+    dot = {"float32": (tl.float32, "ieee"), "float16": (tl.float16, None), "bfloat16": (tl.bfloat16, None)}[args.dtype]
+    floats = ("scale", "m1", "m2", "m3", "cos_m2", "sin_m2", "arc_threshold", "arc_fallback")
+    pointers = dict(x_ptr=element, class_ptr="i64", target_ptr="i64")
+    lines = []
+    for subs, (name, kernel, candidates, full_width) in itertools.product(args.subcenters, (
+            ("forward", module._forward_kernel, tiles.FORWARD_CANDIDATES, "none"),
+            ("dx", module._backward_dx_kernel, tiles.DX_CANDIDATES, "dx"),
+            ("dw", module._backward_dw_kernel, tiles.DW_CANDIDATES, "dw"))):
+        consts = dict(NUM_SUB=subs, K_PAD=triton.next_power_of_2(subs), MARGIN=module.MARGIN_KIND["arcface"],
+                      D_PAD=max(16, triton.next_power_of_2(args.dim)), DOT_DTYPE=dot[0], DOT_PRECISION=dot[1])
+        configs = [triton.Config(dict(BLOCK_B=b, BLOCK_R=r, BLOCK_D=d), num_warps=w, num_stages=st)
+                   for b, r, d, w, st in candidates]
+        for config in tiles.prune_configs(configs, {}, full_width, **consts):
+            constexprs = dict(consts, **config.kwargs)
+            signature = {arg: "constexpr" if arg in constexprs else "*" + pointers.get(arg, "fp32")
+                         if arg.endswith("_ptr") else "fp32" if arg in floats else "i32" for arg in kernel.arg_names}
+            tile = config.kwargs
+            label = (f"sm_{arch} D={args.dim} K={subs} {args.dtype} {name:7s} B{tile['BLOCK_B']} R{tile['BLOCK_R']} "
+                     f"D{tile['BLOCK_D']} warps {config.num_warps} stages {config.num_stages}")
+            try:
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32),
+                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+            except Exception as error:  # report and go on: one failing tile is a finding
+                lines.append(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
+                                       capture_output=True, text=True).stdout
+            resources = next((line.split("Resource usage:")[-1].strip() for line in usage.splitlines()
+                              if "REG:" in line), usage.strip()[-120:])
+            lines.append(f"{label}: shared {compiled.metadata.shared} B; {resources}")
+            print(lines[-1], flush=True)
+    return lines
 
 
-def _launch(case: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout > {timeout:.0f}s"}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
-    return {"error": f"worker exit {done.returncode}: {tail}"}
-
-
-def _device_peak(args) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
-    if args.device != "cuda":
-        return None
-    import torch
-
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in _BF16_PEAK_TFLOPS.items() if key in name), None)
-
-
-def _machine_line(args) -> str:
-    import torch
-
-    if args.device == "cuda":
-        hw = torch.cuda.get_device_name()
-    else:
-        hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "uncommitted"
-    return (f"{hw}; Python {platform.python_version()}, torch {torch.__version__}; commit {commit}; "
-            f"{datetime.date.today().isoformat()}")
-
-
-def main(argv=None) -> None:
+# ------------------------------------------------------------------ driver
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--impls", nargs="+", default=["torch", "naive"], choices=("triton", "torch", "naive"))
+    parser.add_argument("--impls", nargs="+", default=["torch", "naive"], type=check_impl_spec,
+                        help=f"any of {IMPLS}, or torch@REV: the chunked path at git revision REV")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--batch", nargs="+", type=int, default=[256])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--classes", nargs="+", type=float, default=[1e4, 1e5, 1e6])
     parser.add_argument("--subcenters", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--sample-rate", nargs="+", type=float, default=[1.0])
-    parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the measured one")
-    parser.add_argument("--warmup", type=int, default=2, help="CUDA only (compilation, autotune)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="classes per tile (default: the impl's)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps after the measured one")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per case; medians across them")
+    parser.add_argument("--warmup", type=int, default=2, help="CUDA only: full steps before measuring")
+    parser.add_argument("--threads", type=int, default=0, help="CPU torch threads per case (0 = torch default)")
     parser.add_argument("--mem-cap-gb", type=float, default=14.0, help="CPU address-space cap per case; 0 = none")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case and round")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (else looked up)")
-    parser.add_argument("--out", help="write a markdown table here (atomically)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cases and exit (no device needed)")
+    parser.add_argument("--compile-check", metavar="sm_XY",
+                        help="compile the Triton kernels' tiles for this CUDA arch (no GPU needed) and exit")
+    parser.add_argument("--out", help="write the report (markdown) here, atomically")
+    parser.add_argument("--append", action="store_true", help="append the report to --out instead of replacing it")
     args = parser.parse_args(argv)
-    if args.worker:
-        _worker_main(args.worker)
-        return
+    if args.device == "cuda" and not (args.dry_run or args.compile_check) and not torch.cuda.is_available():
+        parser.error("--device cuda needs a visible GPU (use --dry-run to check a command without one)")
+    return args
 
-    peak = _device_peak(args)
-    header = "| impl | B | classes | K | rate | fwd+bwd s | peak extra MB | grad rows MB | weights MB | TFLOP/s |"
+
+def make_cases(args) -> list[dict]:
+    cases = []
+    for batch, classes, subs, rate, impl in itertools.product(
+            args.batch, args.classes, args.subcenters, args.sample_rate, args.impls):
+        cases.append(dict(device=args.device, impl=impl, dtype=args.dtype, batch=batch, dim=args.dim,
+                          classes=int(classes), subcenters=subs, sample_rate=rate, chunk_size=args.chunk_size,
+                          repeats=args.repeats, warmup=args.warmup, threads=args.threads))
+    return cases
+
+
+def _shape(case: dict) -> tuple:
+    return case["batch"], case["classes"], case["subcenters"], case["sample_rate"]
+
+
+def run_cases(args, cases: list[dict]) -> list[dict]:
+    """Every case ``--rounds`` times, rounds outermost (a slow spell hits every impl alike)."""
+    runs = [[] for _ in cases]
+    for round_index in range(args.rounds):
+        for case, case_runs in zip(cases, runs):
+            load = harness.load_average()
+            record = harness.run_ranks(bench_case, 1, case, mem_cap_gib=args.mem_cap_gb if args.device == "cpu" else 0,
+                                       timeout=args.timeout)[0]
+            record["load"] = load
+            case_runs.append(record)
+            value = record.get("value")
+            shown = f"{value['seconds']:.3f} s" if value else record["error"]
+            print(f"round {round_index + 1}/{args.rounds} {case['impl']:>12} B={case['batch']} classes={case['classes']:.0e} "
+                  f"K={case['subcenters']} r={case['sample_rate']}: {shown} (load {load})", flush=True)
+    return [summarize(case, case_runs) for case, case_runs in zip(cases, runs)]
+
+
+def summarize(case: dict, records: list[dict]) -> dict:
+    values = [r["value"] for r in records if "value" in r]
+    errors = [r["error"] for r in records if "error" in r]
+    summary = dict(case, loads=[r["load"] for r in records], errors=errors, rounds=len(values))
+    if values:
+        for key in ("seconds", "cpu_seconds", "peak_extra_bytes", "tflops"):
+            summary[key] = statistics.median(v[key] for v in values)
+        for key in ("grad_rows_bytes", "weight_bytes", "lse_sum", "device_name", "memory_method"):
+            summary[key] = values[0][key]
+    return summary
+
+
+def build_report(args, results: list[dict], command: str, load_start: str) -> str:
+    peak = args.peak_tflops or harness.bf16_peak_tflops(next((r.get("device_name", "") for r in results), ""))
+    naive_seconds = {_shape(r): r["seconds"] for r in results if r["impl"] == "naive" and "seconds" in r}
+    headers = ["impl", "B", "classes", "K", "r", "fwd+bwd s", "cpu s", "vs naive", "peak extra MB",
+               "grad rows MB", "weights MB", "TFLOP/s", "load"]
     if peak:
-        header += " % bf16 peak |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    print(header, flush=True)
-    for batch in args.batch:
-        for classes in args.classes:
-            for subs in args.subcenters:
-                for rate in args.sample_rate:
-                    for impl in args.impls:
-                        case = dict(device=args.device, impl=impl, dtype=args.dtype, batch=batch, dim=args.dim,
-                                    classes=int(classes), subcenters=subs, sample_rate=rate,
-                                    chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
-                                    mem_cap_gb=args.mem_cap_gb)
-                        res = _launch(case, args.timeout)
-                        head = f"| {impl} | {batch} | {int(classes):.0e} | {subs} | {rate} |"
-                        if "error" in res:
-                            row = head + f" {res['error']} | - | - | - | - |" + (" - |" if peak else "")
-                        else:
-                            row = head + (f" {res['seconds']:.3f} | {res['peak_extra_mb']:.0f} | "
-                                          f"{res['grad_rows_mb']:.0f} | {res['weight_mb']:.0f} | {res['tflops']:.3f} |")
-                            if peak:
-                                row += f" {100 * res['tflops'] / peak:.1f} |"
-                        lines.append(row)
-                        print(row, flush=True)
+        headers.append("% bf16 peak")
+    rows, spread = [], []
+    for res in results:
+        head = [res["impl"], res["batch"], f"{res['classes']:.0e}", res["subcenters"], res["sample_rate"]]
+        loads = "/".join(res["loads"])
+        if "seconds" not in res:
+            rows.append(head + [res["errors"][0]] + ["-"] * (len(headers) - 7) + [loads])
+            continue
+        base = naive_seconds.get(_shape(res))
+        row = head + [f"{res['seconds']:.3f}", f"{res['cpu_seconds']:.3f}",
+                      f"{res['seconds'] / base:.2f}" if base else "-",
+                      f"{res['peak_extra_bytes'] / harness.MIB:.0f}", f"{res['grad_rows_bytes'] / harness.MIB:.0f}",
+                      f"{res['weight_bytes'] / harness.MIB:.0f}", f"{res['tflops']:.3f}", loads]
+        if peak:
+            row.append(f"{100 * res['tflops'] / peak:.1f}")
+        rows.append(row)
+        same = [r["lse_sum"] for r in results if _shape(r) == _shape(res) and "lse_sum" in r]
+        spread.append((max(same) - min(same)) / max(abs(v) for v in same))
+    method = next((r["memory_method"] for r in results if "memory_method" in r), "-")
+    lines = [
+        "# Margin-softmax statistics: forward + backward", "",
+        *harness.provenance_lines(command),
+        f"- Load average (1 min) at start / end: {load_start} / {harness.load_average()}", "",
+        f"Peak extra = memory above the inputs during one forward+backward ({method}); it includes "
+        "the sparse weight-gradient values ('grad rows'). OOM = allocation failed under "
+        f"--mem-cap-gb {args.mem_cap_gb} of address space (CPU). 'fwd+bwd s' / 'cpu s': wall / process "
+        f"CPU time (all threads), median over {args.rounds} round(s) (fresh processes) of the median "
+        f"over each round's steps (CPU: the memory-measured step plus --repeats {args.repeats}; CUDA: "
+        f"--repeats after --warmup {args.warmup}). 'vs naive': wall time / naive's at the same shape. "
+        "'load': 1-min load average as each round of the case started. "
+        f"Sanity: at every shape the impls' sum(lse) agree to a relative {max(spread, default=0.0):.1e}.", "",
+        harness.markdown_table(headers, rows), "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.compile_check:
+        compile_check(args)
+        return
+    cases = make_cases(args)
+    if args.dry_run:
+        for case in cases:
+            print(case)
+        print(f"{len(cases)} cases x {args.rounds} round(s) on {args.device}; nothing run (--dry-run)")
+        return
+    load_start = harness.load_average()
+    results = run_cases(args, cases)
+    command = "python benchmarks/kernel.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report = build_report(args, results, command, load_start)
+    print(report)
     if args.out:
-        command = "python " + " ".join(["benchmarks/kernel.py"] + (argv if argv is not None else sys.argv[1:]))
-        text = "\n".join([
-            "# Margin-softmax statistics: forward + backward", "",
-            f"Machine: {_machine_line(args)}", "", f"Command: `{command}`", "",
-            "Peak extra = resident-set high-water mark above the set after building the inputs "
-            "(CPU) or max_memory_allocated above baseline (CUDA); it includes the sparse "
-            "weight-gradient values ('grad rows'). OOM = allocation failed under "
-            f"--mem-cap-gb {args.mem_cap_gb} of address space. Times: median over the steps run "
-            "(CPU: the memory-measured step plus --repeats more; CUDA: --repeats after warm-up).", "",
-            *lines, "",
-        ])
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, args.out)
+        previous = ""
+        if args.append and os.path.exists(args.out):
+            with open(args.out) as handle:
+                previous = handle.read().rstrip("\n") + "\n\n"
+        harness.write_atomic(args.out, previous + report)
 
 
 if __name__ == "__main__":

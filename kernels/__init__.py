@@ -47,7 +47,9 @@ def margin_softmax_stats(
 ):
     """Per-row ``(lse, target_logit)`` over the kept classes; see ``margin_softmax_ref``.
 
-    ``chunk_size=None`` lets each implementation use its default tile.
+    ``chunk_size`` counts classes per tile. ``None`` lets each implementation choose: the
+    torch path bounds center rows (``DEFAULT_TILE_ROWS``, so K = 3 tiles hold a third of
+    the classes), the Triton path autotunes on CUDA.
     """
     fn = _BY_NAME[resolve_impl(impl, weight)]
     if chunk_size is None:

@@ -2,43 +2,61 @@
 
 Same contract as ``margin_softmax_ref`` (read its docstring for the math). Layout:
 
+* A tile is ``BLOCK_R`` center rows: ``BLOCK_C = BLOCK_R // K_PAD`` kept classes times
+  their sub-centers (``K_PAD`` = K rounded up to a power of two; padded rows are masked),
+  so a tile's operands and accumulators are the same size for K = 1 and K = 3. The max
+  over sub-centers is a reshape of the (rows x center rows) cosines to
+  (rows, classes, K_PAD) and a reduction over the last axis.
 * ``_row_inv_norm_kernel``: ``1 / max(||W[r]||, eps)`` of the kept rows, so the center
-  shard is never copied or normalized in memory; cosines are ``(x . w) * inv_norm``.
-* ``_forward_kernel``: grid (row blocks, class splits). Each program walks its class
-  tiles; per tile it computes ``K`` dot products tiled over D (fp32 accumulate, inputs in
-  the embeddings' dtype so fp16/bf16 hit tensor cores), keeps the max over sub-centers,
-  applies the combined margin on the owned target column and folds the tile into a
-  running row max / sum-exp. Each split writes one partial (max, sum-exp) per row; a
-  tiny torch op merges the splits. Splitting the classes keeps the GPU busy when the
-  batch has few row blocks but the shard has a million classes.
-* ``_backward_kernel``: grid (row blocks, class tiles). Recomputes the tile, forms
-  ``d cos = softmax * g_lse + onehot * g_target`` chained through the margin, routes it
-  to the argmax sub-center and accumulates ``dX`` and ``d W_hat`` with atomics into
-  fp32 buffers (``dW_hat`` holds only the kept rows: it becomes the sparse gradient).
-* The ``w -> w / ||w||`` backward is a small chunked torch op on the kept rows.
+  shard is never copied or normalized in memory; cosines are ``(x . w) * inv_norm``,
+  with the dot tiled over D (``BLOCK_D``) and accumulated in fp32.
+* ``_forward_kernel``: grid (row blocks, class splits). A program walks the tiles of
+  its split, takes the max over sub-centers, applies the combined margin on the owned
+  target column and folds the tile into a running row max / sum-exp. Each split writes
+  one partial (max, sum-exp) per row, merged by a tiny torch op. Splits are contiguous
+  class ranges chosen so (row blocks x splits) fills the GPU.
+* Backward: two kernels and no atomics (the split of dQ and dK/dV in flash-attention-2's
+  Triton tutorial). Both recompute the tile from the saved ``lse`` and form
+  ``d cos = softmax * g_lse + onehot * g_target`` chained through the margin, routed to
+  the argmax sub-center.
+  - ``_backward_dx_kernel``: same grid as the forward. dX of the row block accumulates
+    in registers over the split's tiles at full width (``D_PAD``, the next power of two
+    of D, masked; like flash-attention's HEAD_DIM) and is stored once into a
+    ``[splits, B, D]`` fp32 buffer that torch sums. The writes into dX no longer grow
+    with the class count (the previous kernel atomically added a ``B x D`` block per
+    class tile), and the buffer is capped at ``margin_softmax_tiles.DX_PARTIAL_BYTES``.
+  - ``_backward_dw_kernel``: grid (class tiles). A program loops over all row blocks
+    accumulating ``G = g^T X`` for its center rows in registers, then chains through
+    the row normalization in place (``d w = inv * G - inv^2 * (sum_b g * cos) * w``)
+    and stores the gradient rows once, in the weight's dtype: no dW atomics and no
+    fp32 copy of the gradient rows.
+  The price: the tile logits are recomputed twice in backward (4 GEMM-equivalents
+  instead of 3 for a one-pass kernel with atomics), so at most 3/5 of the GEMM work of
+  forward + backward is "useful" in the TFLOP/s the benchmark reports.
+* Tile sizes (``margin_softmax_tiles.py``): on CUDA ``triton.autotune`` over short
+  candidate lists (keyed on D, K and the dtypes), pruned by a register estimate
+  calibrated with ptxas (``benchmarks/kernel.py --compile-check sm_90``); an explicit
+  ``chunk_size`` (classes per tile) pins the tile instead. Under TRITON_INTERPRET the tiles are fixed and tiny
+  (16 rows, 16 columns of D) so the CPU tests cover many tiles, splits and partial blocks.
 
 The margin formula mirrors ``partialfc.head.margins.CombinedMargin`` (kind 0: plain /
 CosFace, 1: ArcFace with its linear fallback, 2: SphereFace monotonic extension),
 forward and derivative. There is no acos in Triton's core language and libdevice is not
-available under TRITON_INTERPRET, so ``_acos`` is the Abramowitz-Stegun 4.4.46
-polynomial (absolute error <= 2e-8 rad).
+available under TRITON_INTERPRET, so acos is the Abramowitz-Stegun 4.4.46 polynomial
+(absolute error <= 2e-8 rad).
 
 Tests run everything on CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
 
-from .margin_softmax_ref import (
-    NORM_EPS,
-    kept_rows,
-    normalized_rows_backward,
-    sparse_row_grad,
-    validate_margin_softmax_inputs,
-)
+from . import margin_softmax_tiles as tiles
+from .margin_softmax_ref import kept_rows, sparse_row_grad, validate_margin_softmax_inputs
 
 try:  # Triton is optional: without it only the torch paths exist.
     import triton
@@ -49,8 +67,6 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 __all__ = ["margin_softmax_stats_triton", "triton_available", "MARGIN_KIND"]
 
-# Same clamp as margins.ACOS_EPS: keeps d acos / d cos finite.
-_ACOS_EPS = 1e-7
 MARGIN_KIND = {"plain": 0, "arcface": 1, "sphereface": 2}
 
 
@@ -64,50 +80,6 @@ def _interpreting() -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _acos(c):
-        # Abramowitz-Stegun 4.4.46 on |c|, reflected for negative c.
-        a = tl.abs(c)
-        poly = -0.0012624911
-        poly = poly * a + 0.0066700901
-        poly = poly * a - 0.0170881256
-        poly = poly * a + 0.0308918810
-        poly = poly * a - 0.0501743046
-        poly = poly * a + 0.0889789874
-        poly = poly * a - 0.2145988016
-        poly = poly * a + 1.5707963050
-        half = tl.sqrt(1.0 - a) * poly
-        return tl.where(c >= 0, half, 3.141592653589793 - half)
-
-    @triton.jit
-    def _margin_psi(c, m1, m2, cos_m2, sin_m2, arc_threshold, arc_fallback, MARGIN: tl.constexpr):
-        """psi(cos) and d psi / d cos of CombinedMargin (before - m3 and * scale)."""
-        if MARGIN == 0:
-            psi = c
-            slope = tl.full(c.shape, 1.0, tl.float32)
-        else:
-            lo = -1.0 + 1e-7
-            hi = 1.0 - 1e-7
-            clamped = tl.minimum(tl.maximum(c, lo), hi)
-            # torch.clamp passes the gradient on the closed interval only.
-            in_range = (c >= lo) & (c <= hi)
-            sin_theta = tl.sqrt(1.0 - clamped * clamped)
-            if MARGIN == 1:
-                # cos(theta + m2) expanded, linear fallback past theta + m2 > pi.
-                shifted = clamped * cos_m2 - sin_theta * sin_m2
-                shifted_slope = tl.where(in_range, cos_m2 + clamped / sin_theta * sin_m2, 0.0)
-                take = c > arc_threshold
-                psi = tl.where(take, shifted, c - arc_fallback)
-                slope = tl.where(take, shifted_slope, 1.0)
-            else:
-                angle = m1 * _acos(clamped) + m2
-                k = tl.floor(angle / 3.141592653589793)
-                sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k * 0.5))
-                psi = sign * tl.cos(angle) - 2.0 * k
-                # d angle / d cos = -m1 / sin(theta); d cos(angle) / d angle = -sin(angle).
-                slope = tl.where(in_range, sign * tl.sin(angle) * m1 / sin_theta, 0.0)
-        return psi, slope
 
     @triton.jit
     def _row_inv_norm_kernel(w_ptr, rows_ptr, out_ptr, num_rows, dim, stride_w,
@@ -126,77 +98,162 @@ if triton is not None:
         tl.store(out_ptr + offs_r, inv, mask=mask_r)
 
     @triton.jit
-    def _load_d_slices(x_ptr, w_ptr, offs_b, mask_b, rows, mask_c, d0, dim, stride_x, stride_w,
-                       BLOCK_D: tl.constexpr):
-        """Columns [d0, d0 + BLOCK_D) of the embedding rows and of the gathered center rows."""
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < dim
-        x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :],
-                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :],
-                    mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        return x, w, offs_d, mask_d
+    def _center_rows(class_ptr, inv_norm_ptr, tile_start, tile_stop, NUM_SUB: tl.constexpr,
+                     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+        """The center rows of kept classes [tile_start, tile_stop), class-major.
+
+        Row ``i`` of the tile is sub-center ``i % K_PAD`` of kept class ``tile_start + i // K_PAD``;
+        padding rows (sub-center >= K or class >= tile_stop) are masked, with inv 0.
+        Returns the weight row, the kept row (gradient row), 1/||w|| and the row mask.
+        """
+        offs_r = tl.arange(0, BLOCK_R)
+        position = tile_start + offs_r // K_PAD
+        sub = offs_r % K_PAD
+        valid = (position < tile_stop) & (sub < NUM_SUB)
+        cls = tl.load(class_ptr + position, mask=valid, other=0)
+        kept_row = position.to(tl.int64) * NUM_SUB + sub
+        inv = tl.load(inv_norm_ptr + kept_row, mask=valid, other=0.0)
+        return cls * NUM_SUB + sub, kept_row, inv, valid
 
     @triton.jit
-    def _cosine_tile(x_ptr, w_ptr, inv_norm_ptr, offs_b, mask_b, offs_c, mask_c, cls, dim,
-                     stride_x, stride_w, NUM_SUB: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-        """Max over sub-centers of cos(x, w_hat) for a (rows x classes) tile, and its argmax."""
-        best = tl.full((BLOCK_B, BLOCK_C), float("-inf"), tl.float32)
-        best_sub = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
-        for s in tl.static_range(NUM_SUB):
-            rows = cls * NUM_SUB + s
-            acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-            for d0 in range(0, dim, BLOCK_D):
-                x, w, offs_d, mask_d = _load_d_slices(x_ptr, w_ptr, offs_b, mask_b, rows, mask_c, d0, dim,
-                                                      stride_x, stride_w, BLOCK_D)
-                # W is rounded to the embeddings' dtype (AMP semantics), then fed to the dot.
-                acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(x.dtype).to(DOT_DTYPE)), acc,
-                             input_precision=DOT_PRECISION)
-            inv = tl.load(inv_norm_ptr + offs_c * NUM_SUB + s, mask=mask_c, other=0.0)
-            cos = acc * inv[None, :]
-            better = cos > best  # strict: ties keep the first sub-center
-            best = tl.where(better, cos, best)
-            best_sub = tl.where(better, s, best_sub)
+    def _tile_dots(x_ptr, offs_b, mask_b, stride_x, w_ptr, w_row, valid_r, stride_w, dim,
+                   BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """x . w for a (rows x center rows) tile, fp32, tiled over D (0 on padding)."""
+        acc = tl.zeros((BLOCK_B, BLOCK_R), tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :],
+                        mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(w_ptr + w_row[:, None] * stride_w + offs_d[None, :],
+                        mask=valid_r[:, None] & mask_d[None, :], other=0.0)
+            # W is rounded to the embeddings' dtype (AMP semantics), then fed to the dot.
+            acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(x.dtype).to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+        return acc
+
+    @triton.jit
+    def _pool_subcenters(cos, valid_r, NUM_SUB: tl.constexpr, K_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+        """Max over each class's sub-centers [BLOCK_B, BLOCK_C] and the first argmax."""
+        BLOCK_C: tl.constexpr = BLOCK_R // K_PAD
+        if NUM_SUB == 1:
+            return cos, tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
+        grouped = tl.reshape(tl.where(valid_r[None, :], cos, float("-inf")), (BLOCK_B, BLOCK_C, K_PAD))
+        best = tl.max(grouped, axis=2)
+        sub = tl.arange(0, K_PAD)[None, None, :]
+        # Ties keep the first sub-center (like torch.max), so the gradient has one target.
+        best_sub = tl.min(tl.where(grouped == best[:, :, None], sub, K_PAD), axis=2)
         return best, best_sub
 
     @triton.jit
-    def _margined_logits(best, offs_c, mask_c, target, scale, m1, m2, m3, cos_m2, sin_m2,
+    def _margined_logits(best, position, mask_c, target, scale, m1, m2, m3, cos_m2, sin_m2,
                          arc_threshold, arc_fallback, MARGIN: tl.constexpr):
-        """Scaled logits with the margin on the target column; masked columns are -inf."""
-        is_target = (offs_c[None, :] == target[:, None]) & mask_c[None, :]
-        cos_target = tl.sum(tl.where(is_target, best, 0.0), axis=1)
-        psi, slope = _margin_psi(cos_target, m1, m2, cos_m2, sin_m2, arc_threshold, arc_fallback, MARGIN)
+        """Scaled logits with the margin on the target column (masked columns are -inf),
+        the target mask and logit, and d target_logit / d cos.
+
+        psi(cos) and its slope mirror CombinedMargin.psi (before - m3 and * scale). The
+        margin math is written inline rather than in helpers: under TRITON_INTERPRET every
+        device-function call re-patches triton.language (~ms each), per tile.
+        """
+        is_target = (position[None, :] == target[:, None]) & mask_c[None, :]
+        c = tl.sum(tl.where(is_target, best, 0.0), axis=1)
+        if MARGIN == 0:
+            psi = c
+            slope = tl.full(c.shape, 1.0, tl.float32)
+        else:
+            lo = -1.0 + 1e-7
+            hi = 1.0 - 1e-7
+            clamped = tl.minimum(tl.maximum(c, lo), hi)
+            # torch.clamp passes the gradient on the closed interval only.
+            in_range = (c >= lo) & (c <= hi)
+            sin_theta = tl.sqrt(1.0 - clamped * clamped)
+            if MARGIN == 1:
+                # cos(theta + m2) expanded, linear fallback past theta + m2 > pi.
+                shifted = clamped * cos_m2 - sin_theta * sin_m2
+                shifted_slope = tl.where(in_range, cos_m2 + clamped / sin_theta * sin_m2, 0.0)
+                take = c > arc_threshold
+                psi = tl.where(take, shifted, c - arc_fallback)
+                slope = tl.where(take, shifted_slope, 1.0)
+            else:
+                # acos by Abramowitz-Stegun 4.4.46 on |c|, reflected for negative c.
+                a = tl.abs(clamped)
+                poly = -0.0012624911
+                poly = poly * a + 0.0066700901
+                poly = poly * a - 0.0170881256
+                poly = poly * a + 0.0308918810
+                poly = poly * a - 0.0501743046
+                poly = poly * a + 0.0889789874
+                poly = poly * a - 0.2145988016
+                poly = poly * a + 1.5707963050
+                half = tl.sqrt(1.0 - a) * poly
+                theta = tl.where(clamped >= 0, half, 3.141592653589793 - half)
+                angle = m1 * theta + m2
+                k = tl.floor(angle / 3.141592653589793)
+                sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k * 0.5))
+                psi = sign * tl.cos(angle) - 2.0 * k
+                # d angle / d cos = -m1 / sin(theta); d cos(angle) / d angle = -sin(angle).
+                slope = tl.where(in_range, sign * tl.sin(angle) * m1 / sin_theta, 0.0)
         target_logit = scale * (psi - m3)
         logits = tl.where(is_target, target_logit[:, None], scale * best)
         logits = tl.where(mask_c[None, :], logits, float("-inf"))
         return logits, is_target, target_logit, scale * slope
 
     @triton.jit
+    def _tile_grad(x_ptr, offs_b, mask_b, stride_x, w_ptr, w_row, inv, valid_r, stride_w, dim,
+                   tile_start, tile_stop, target, lse, grad_lse, grad_target,
+                   scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
+                   NUM_SUB: tl.constexpr, K_PAD: tl.constexpr, MARGIN: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+        """d loss / d cos of every center row of the tile [BLOCK_B, BLOCK_R], and the cosines."""
+        BLOCK_C: tl.constexpr = BLOCK_R // K_PAD
+        cos = _tile_dots(x_ptr, offs_b, mask_b, stride_x, w_ptr, w_row, valid_r, stride_w, dim,
+                         BLOCK_B, BLOCK_R, BLOCK_D, DOT_DTYPE, DOT_PRECISION) * inv[None, :]
+        best, best_sub = _pool_subcenters(cos, valid_r, NUM_SUB, K_PAD, BLOCK_B, BLOCK_R)
+        position = tile_start + tl.arange(0, BLOCK_C)
+        mask_c = position < tile_stop
+        logits, is_target, _, target_slope = _margined_logits(
+            best, position, mask_c, target, scale, m1, m2, m3, cos_m2, sin_m2,
+            arc_threshold, arc_fallback, MARGIN)
+        # d loss / d logit for an arbitrary upstream (g_lse, g_target).
+        grad_logit = grad_lse[:, None] * tl.exp(logits - lse[:, None])
+        grad_logit += tl.where(is_target, grad_target[:, None], 0.0)
+        grad_cos = tl.where(is_target, grad_logit * target_slope[:, None], grad_logit * scale)
+        grad_cos = tl.where(mask_b[:, None] & mask_c[None, :], grad_cos, 0.0)
+        if NUM_SUB > 1:
+            # Only the argmax sub-center of each (row, class) receives the gradient.
+            sub = tl.arange(0, K_PAD)[None, None, :]
+            grad_cos = tl.reshape(tl.where(sub == best_sub[:, :, None], grad_cos[:, :, None], 0.0),
+                                  (BLOCK_B, BLOCK_R))
+        return grad_cos, cos
+
+    @triton.jit
     def _forward_kernel(x_ptr, w_ptr, inv_norm_ptr, class_ptr, target_ptr,
                         part_max_ptr, part_sum_ptr, target_out_ptr,
-                        batch, num_kept, dim, stride_x, stride_w, tiles_per_split,
+                        batch, num_kept, dim, stride_x, stride_w, classes_per_split,
                         scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
-                        NUM_SUB: tl.constexpr, MARGIN: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-        pid_b = tl.program_id(0)
+                        NUM_SUB: tl.constexpr, K_PAD: tl.constexpr, MARGIN: tl.constexpr,
+                        D_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_C: tl.constexpr = BLOCK_R // K_PAD
         split = tl.program_id(1)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < batch
         target = tl.load(target_ptr + offs_b, mask=mask_b, other=-1)
+        split_start = split * classes_per_split
+        split_stop = tl.minimum(split_start + classes_per_split, num_kept)
         run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
         run_sum = tl.zeros((BLOCK_B,), tl.float32)
-        for t in range(0, tiles_per_split):
-            offs_c = (split * tiles_per_split + t) * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < num_kept
-            cls = tl.load(class_ptr + offs_c, mask=mask_c, other=0)
-            best, best_sub = _cosine_tile(x_ptr, w_ptr, inv_norm_ptr, offs_b, mask_b, offs_c, mask_c,
-                                          cls, dim, stride_x, stride_w, NUM_SUB, BLOCK_B, BLOCK_C,
-                                          BLOCK_D, DOT_DTYPE, DOT_PRECISION)
+        for tile_start in range(split_start, split_stop, BLOCK_C):
+            w_row, _, inv, valid_r = _center_rows(class_ptr, inv_norm_ptr, tile_start, split_stop,
+                                                  NUM_SUB, K_PAD, BLOCK_R)
+            cos = _tile_dots(x_ptr, offs_b, mask_b, stride_x, w_ptr, w_row, valid_r, stride_w, dim,
+                             BLOCK_B, BLOCK_R, BLOCK_D, DOT_DTYPE, DOT_PRECISION) * inv[None, :]
+            best, _ = _pool_subcenters(cos, valid_r, NUM_SUB, K_PAD, BLOCK_B, BLOCK_R)
+            position = tile_start + tl.arange(0, BLOCK_C)
             logits, is_target, target_logit, _ = _margined_logits(
-                best, offs_c, mask_c, target, scale, m1, m2, m3, cos_m2, sin_m2,
+                best, position, position < split_stop, target, scale, m1, m2, m3, cos_m2, sin_m2,
                 arc_threshold, arc_fallback, MARGIN)
             # Online softmax. The first tile of a split always has a valid column, so
             # new_max is finite from then on and exp(-inf - new_max) = 0 for padding.
@@ -210,55 +267,134 @@ if triton is not None:
         tl.store(part_sum_ptr + split * batch + offs_b, run_sum, mask=mask_b)
 
     @triton.jit
-    def _backward_kernel(x_ptr, w_ptr, inv_norm_ptr, class_ptr, target_ptr, lse_ptr,
-                         grad_lse_ptr, grad_target_ptr, grad_x_ptr, grad_w_hat_ptr,
-                         batch, num_kept, dim, stride_x, stride_w,
-                         scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
-                         NUM_SUB: tl.constexpr, MARGIN: tl.constexpr, BLOCK_B: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+    def _backward_dx_kernel(x_ptr, w_ptr, inv_norm_ptr, class_ptr, target_ptr, lse_ptr,
+                            grad_lse_ptr, grad_target_ptr, partial_dx_ptr,
+                            batch, num_kept, dim, stride_x, stride_w, classes_per_split,
+                            scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
+                            NUM_SUB: tl.constexpr, K_PAD: tl.constexpr, MARGIN: tl.constexpr,
+                            D_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_C: tl.constexpr = BLOCK_R // K_PAD
+        split = tl.program_id(1)
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_b = offs_b < batch
-        mask_c = offs_c < num_kept
         target = tl.load(target_ptr + offs_b, mask=mask_b, other=-1)
         lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
         grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
         grad_target = tl.load(grad_target_ptr + offs_b, mask=mask_b, other=0.0)
-        cls = tl.load(class_ptr + offs_c, mask=mask_c, other=0)
-        best, best_sub = _cosine_tile(x_ptr, w_ptr, inv_norm_ptr, offs_b, mask_b, offs_c, mask_c,
-                                      cls, dim, stride_x, stride_w, NUM_SUB, BLOCK_B, BLOCK_C,
-                                      BLOCK_D, DOT_DTYPE, DOT_PRECISION)
-        logits, is_target, _, target_slope = _margined_logits(
-            best, offs_c, mask_c, target, scale, m1, m2, m3, cos_m2, sin_m2,
-            arc_threshold, arc_fallback, MARGIN)
-        # d loss / d logit for an arbitrary upstream (g_lse, g_target).
-        grad_logit = grad_lse[:, None] * tl.exp(logits - lse[:, None])
-        grad_logit += tl.where(is_target, grad_target[:, None], 0.0)
-        grad_cos = tl.where(is_target, grad_logit * target_slope[:, None], grad_logit * scale)
-        grad_cos = tl.where(mask_b[:, None] & mask_c[None, :], grad_cos, 0.0)
-        for s in tl.static_range(NUM_SUB):
-            rows = cls * NUM_SUB + s
-            inv = tl.load(inv_norm_ptr + offs_c * NUM_SUB + s, mask=mask_c, other=0.0)
-            grad_cos_s = tl.where(best_sub == s, grad_cos, 0.0)  # argmax sub-center only
-            for d0 in range(0, dim, BLOCK_D):
-                x, w, offs_d, mask_d = _load_d_slices(x_ptr, w_ptr, offs_b, mask_b, rows, mask_c, d0, dim,
-                                                      stride_x, stride_w, BLOCK_D)
-                # Operands are rounded to the embeddings' dtype (as a tensor-core backward
-                # does), then cast to DOT_DTYPE (the same dtype except in the interpreter).
-                w = w.to(x.dtype).to(DOT_DTYPE)
-                # cos = (x . w) * inv  =>  dX = (g * inv) @ W,  dW_hat = g^T @ X.
-                scaled = (grad_cos_s * inv[None, :]).to(x.dtype).to(DOT_DTYPE)
-                part_x = tl.dot(scaled, w, input_precision=DOT_PRECISION)
-                tl.atomic_add(grad_x_ptr + offs_b[:, None] * dim + offs_d[None, :], part_x,
-                              mask=mask_b[:, None] & mask_d[None, :])
-                part_w = tl.dot(tl.trans(grad_cos_s).to(x.dtype).to(DOT_DTYPE), x.to(DOT_DTYPE),
-                                input_precision=DOT_PRECISION)
-                hat_rows = offs_c * NUM_SUB + s
-                tl.atomic_add(grad_w_hat_ptr + hat_rows[:, None] * dim + offs_d[None, :], part_w,
-                              mask=mask_c[:, None] & mask_d[None, :])
+        split_start = split * classes_per_split
+        split_stop = tl.minimum(split_start + classes_per_split, num_kept)
+        offs_d = tl.arange(0, D_PAD)
+        mask_d = offs_d < dim
+        x_dtype = x_ptr.dtype.element_ty
+        grad_x = tl.zeros((BLOCK_B, D_PAD), tl.float32)
+        for tile_start in range(split_start, split_stop, BLOCK_C):
+            w_row, _, inv, valid_r = _center_rows(class_ptr, inv_norm_ptr, tile_start, split_stop,
+                                                  NUM_SUB, K_PAD, BLOCK_R)
+            grad_cos, _ = _tile_grad(x_ptr, offs_b, mask_b, stride_x, w_ptr, w_row, inv, valid_r, stride_w, dim,
+                                     tile_start, split_stop, target, lse, grad_lse, grad_target,
+                                     scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
+                                     NUM_SUB, K_PAD, MARGIN, BLOCK_B, BLOCK_R, BLOCK_D, DOT_DTYPE, DOT_PRECISION)
+            # cos = (x . w) * inv  =>  dX = (g * inv) @ W, W at full width. Operands are
+            # rounded to the embeddings' dtype as a tensor-core backward does.
+            w = tl.load(w_ptr + w_row[:, None] * stride_w + offs_d[None, :],
+                        mask=valid_r[:, None] & mask_d[None, :], other=0.0)
+            scaled = (grad_cos * inv[None, :]).to(x_dtype).to(DOT_DTYPE)
+            grad_x = tl.dot(scaled, w.to(x_dtype).to(DOT_DTYPE), grad_x, input_precision=DOT_PRECISION)
+        out = partial_dx_ptr + split.to(tl.int64) * batch * dim + offs_b[:, None] * dim + offs_d[None, :]
+        tl.store(out, grad_x, mask=mask_b[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def _backward_dw_kernel(x_ptr, w_ptr, inv_norm_ptr, class_ptr, target_ptr, lse_ptr,
+                            grad_lse_ptr, grad_target_ptr, grad_w_ptr,
+                            batch, num_kept, dim, stride_x, stride_w,
+                            scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
+                            NUM_SUB: tl.constexpr, K_PAD: tl.constexpr, MARGIN: tl.constexpr,
+                            D_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_C: tl.constexpr = BLOCK_R // K_PAD
+        tile_start = tl.program_id(0) * BLOCK_C
+        w_row, kept_row, inv, valid_r = _center_rows(class_ptr, inv_norm_ptr, tile_start, num_kept,
+                                                     NUM_SUB, K_PAD, BLOCK_R)
+        offs_d = tl.arange(0, D_PAD)
+        mask_d = offs_d < dim
+        grad_hat = tl.zeros((BLOCK_R, D_PAD), tl.float32)  # g^T X = ||w|| * d loss / d w_hat
+        radial = tl.zeros((BLOCK_R,), tl.float32)  # sum_b g * cos = w_hat . d loss / d w_hat
+        for row_start in range(0, batch, BLOCK_B):
+            offs_b = row_start + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < batch
+            target = tl.load(target_ptr + offs_b, mask=mask_b, other=-1)
+            lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
+            grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
+            grad_target = tl.load(grad_target_ptr + offs_b, mask=mask_b, other=0.0)
+            grad_cos, cos = _tile_grad(x_ptr, offs_b, mask_b, stride_x, w_ptr, w_row, inv, valid_r, stride_w, dim,
+                                       tile_start, num_kept, target, lse, grad_lse, grad_target,
+                                       scale, m1, m2, m3, cos_m2, sin_m2, arc_threshold, arc_fallback,
+                                       NUM_SUB, K_PAD, MARGIN, BLOCK_B, BLOCK_R, BLOCK_D, DOT_DTYPE, DOT_PRECISION)
+            radial += tl.sum(grad_cos * cos, axis=0)
+            x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :],
+                        mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+            grad_hat = tl.dot(tl.trans(grad_cos.to(x.dtype).to(DOT_DTYPE)), x.to(DOT_DTYPE), grad_hat,
+                              input_precision=DOT_PRECISION)
+        # w_hat = w * inv (inv = 1/max(||w||, eps)): d w = inv * (G - w_hat (w_hat . G)) with
+        # G = g^T X, i.e. inv * G - inv^2 * radial * w; below eps the division is by a
+        # constant and only inv * G remains. w is taken as stored (not rounded).
+        w = tl.load(w_ptr + w_row[:, None] * stride_w + offs_d[None, :],
+                    mask=valid_r[:, None] & mask_d[None, :], other=0.0)
+        radial_coef = tl.where(inv < 1e12, inv * inv * radial, 0.0)
+        grad_w = grad_hat * inv[:, None] - radial_coef[:, None] * w.to(tl.float32)
+        tl.store(grad_w_ptr + kept_row[:, None] * dim + offs_d[None, :], grad_w.to(grad_w_ptr.dtype.element_ty),
+                 mask=valid_r[:, None] & mask_d[None, :])
+
+# ---------------------------------------------------------------- launch plan
+def _plan(device, batch, num_kept, dim, num_subcenters, chunk_size):
+    """Constexprs, fixed tiles (None = autotune) and the class splits of one call."""
+    k_pad = triton.next_power_of_2(num_subcenters)
+    consts = dict(NUM_SUB=num_subcenters, K_PAD=k_pad, D_PAD=max(16, triton.next_power_of_2(dim)))
+    interpreting = _interpreting() or device.type != "cuda"
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"triton chunk_size (classes per tile) must be a power of two >= 16, got {chunk_size!r}")
+        blocks = dict(tiles.INTERPRET_BLOCKS if interpreting else tiles.EXPLICIT_CHUNK_BLOCKS,
+                      BLOCK_R=chunk_size * k_pad)
+    elif interpreting:
+        blocks = dict(tiles.INTERPRET_BLOCKS, BLOCK_R=max(tiles.INTERPRET_BLOCKS["BLOCK_R"], k_pad))
+    else:
+        blocks = None
+    if interpreting:
+        splits, classes_per_split = tiles.split_plan(batch, num_kept, dim, 4, 16, 1)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits, classes_per_split = tiles.split_plan(batch, num_kept, dim, 4 * sms, 64, 512)
+    return dict(consts=consts, blocks=blocks, splits=splits, classes_per_split=classes_per_split)
 
 
+if triton is not None:
+    def _tuned(kernel, candidates, full_width):
+        configs = [triton.Config(dict(BLOCK_B=b, BLOCK_R=r, BLOCK_D=d), num_warps=w, num_stages=s)
+                   for b, r, d, w, s in candidates]
+        prune = functools.partial(tiles.prune_configs, full_width=full_width)
+        return triton.autotune(configs=configs, key=["dim", "NUM_SUB"], prune_configs_by={"early_config_prune": prune})(kernel)
+
+    # Every launch of these kernels only stores (no accumulation into inputs), so
+    # autotune may run them repeatedly without resetting any buffer.
+    _KERNELS = {
+        "forward": (_forward_kernel, _tuned(_forward_kernel, tiles.FORWARD_CANDIDATES, "none")),
+        "dx": (_backward_dx_kernel, _tuned(_backward_dx_kernel, tiles.DX_CANDIDATES, "dx")),
+        "dw": (_backward_dw_kernel, _tuned(_backward_dw_kernel, tiles.DW_CANDIDATES, "dw")),
+    }
+
+
+def _launch(name, plan, grid, *args, **constexprs):
+    """Run kernel ``name`` with the plan's fixed tiles, or through its autotuner (CUDA default)."""
+    plain, tuned = _KERNELS[name]
+    if plan["blocks"] is None:
+        tuned[grid](*args, **plan["consts"], **constexprs)
+    else:
+        plain[grid(plan["blocks"])](*args, **plan["consts"], **constexprs, **plan["blocks"], num_warps=8)
+
+
+# ---------------------------------------------------------------- host side
 def _margin_args(margin):
     """(kind, scalar args) for the kernels, mirroring CombinedMargin.psi's branches."""
     if not margin.uses_angle:
@@ -275,30 +411,9 @@ def _margin_args(margin):
     return kind, scalars
 
 
-def _tile_config(device, batch, num_kept, dim, chunk_size):
-    """Tile sizes and class splits. Interpreter: tiny tiles so tests cover many tiles."""
-    if _interpreting() or device.type != "cuda":
-        block_b, block_c, block_d, warps, target_programs = 16, 16, 16, 1, 4
-    else:
-        block_b, block_c, block_d, warps = 64, 128, 64, 8
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
-            raise ValueError(f"triton chunk_size (class tile) must be a power of two >= 16, got {chunk_size!r}")
-        block_c = chunk_size
-    row_blocks = triton.cdiv(batch, block_b)
-    num_tiles = max(1, triton.cdiv(num_kept, block_c))
-    splits = min(num_tiles, max(1, triton.cdiv(target_programs, row_blocks)))
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, tiles_per_split)  # every split starts on a valid tile
-    return dict(block_b=block_b, block_c=block_c, block_d=block_d, warps=warps,
-                row_blocks=row_blocks, num_tiles=num_tiles, splits=splits,
-                tiles_per_split=tiles_per_split)
-
-
-def _kept_inv_norm(weight, rows, block_d):
+def _kept_inv_norm(weight, rows):
     inv_norm = torch.empty(rows.shape[0], dtype=torch.float32, device=weight.device)
-    block_r = 16
+    block_r, block_d = 16, min(128, max(16, triton.next_power_of_2(weight.shape[1])))
     if rows.shape[0]:
         _row_inv_norm_kernel[(triton.cdiv(rows.shape[0], block_r),)](
             weight, rows, inv_norm, rows.shape[0], weight.shape[1], weight.stride(0),
@@ -331,63 +446,67 @@ class _TritonMarginSoftmax(torch.autograd.Function):
         num_kept = class_index.shape[0]
         class_index = class_index.contiguous()
         target_position = target_position.contiguous()
-        cfg = _tile_config(x.device, batch, num_kept, dim, chunk_size)
+        plan = _plan(x.device, batch, num_kept, dim, num_subcenters, chunk_size)
         kind, scalars = _margin_args(margin)
         rows = kept_rows(class_index, num_subcenters)
-        inv_norm = _kept_inv_norm(w, rows, cfg["block_d"])
+        inv_norm = _kept_inv_norm(w, rows)
         target_logit = torch.zeros(batch, dtype=torch.float32, device=x.device)
         if num_kept == 0 or batch == 0:
             lse = torch.full((batch,), float("-inf"), dtype=torch.float32, device=x.device)
         else:
-            part_max = torch.empty(cfg["splits"], batch, dtype=torch.float32, device=x.device)
+            part_max = torch.empty(plan["splits"], batch, dtype=torch.float32, device=x.device)
             part_sum = torch.empty_like(part_max)
-            _forward_kernel[(cfg["row_blocks"], cfg["splits"])](
-                x, w, inv_norm, class_index, target_position, part_max, part_sum, target_logit,
-                batch, num_kept, dim, x.stride(0), w.stride(0), cfg["tiles_per_split"], **scalars,
-                NUM_SUB=num_subcenters, MARGIN=kind, BLOCK_B=cfg["block_b"], BLOCK_C=cfg["block_c"],
-                BLOCK_D=cfg["block_d"], **_dot_args(x.dtype), num_warps=cfg["warps"])
+            _launch("forward", plan, lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), plan["splits"]),
+                    x, w, inv_norm, class_index, target_position, part_max, part_sum, target_logit,
+                    batch, num_kept, dim, x.stride(0), w.stride(0), plan["classes_per_split"], **scalars,
+                    MARGIN=kind, **_dot_args(x.dtype))
             # Merge the splits' partial statistics (every split saw >= 1 real class).
             row_max = part_max.amax(dim=0)
             lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max)).sum(dim=0))
         ctx.save_for_backward(x, w, class_index, target_position, rows, inv_norm, lse)
-        ctx.num_subcenters, ctx.margin, ctx.cfg = num_subcenters, margin, cfg
+        ctx.num_subcenters, ctx.margin, ctx.plan = num_subcenters, margin, plan
         ctx.embedding_dtype = embeddings.dtype
         return lse, target_logit
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target):
         x, w, class_index, target_position, rows, inv_norm, lse = ctx.saved_tensors
-        cfg, num_subcenters = ctx.cfg, ctx.num_subcenters
+        plan = ctx.plan
         batch, dim = x.shape
         num_kept = class_index.shape[0]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
         grad_target = torch.zeros_like(lse) if grad_target is None else grad_target.float().contiguous()
-        grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=x.device)
-        grad_w_hat = torch.zeros(rows.shape[0], dim, dtype=torch.float32, device=x.device)
-        if num_kept and batch:
-            kind, scalars = _margin_args(ctx.margin)
-            _backward_kernel[(cfg["row_blocks"], cfg["num_tiles"])](
-                x, w, inv_norm, class_index, target_position, lse, grad_lse, grad_target,
-                grad_x, grad_w_hat, batch, num_kept, dim, x.stride(0), w.stride(0), **scalars,
-                NUM_SUB=num_subcenters, MARGIN=kind, BLOCK_B=cfg["block_b"], BLOCK_C=cfg["block_c"],
-                BLOCK_D=cfg["block_d"], **_dot_args(x.dtype), num_warps=cfg["warps"])
-        grad_embeddings = grad_x.to(ctx.embedding_dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = None
+        kind, scalars = _margin_args(ctx.margin)
+        common = (x, w, inv_norm, class_index, target_position, lse, grad_lse, grad_target)
+        constexprs = dict(MARGIN=kind, **_dot_args(x.dtype))
+        work = num_kept > 0 and batch > 0
+        grad_embeddings = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            if work:
+                partial = torch.empty(plan["splits"], batch, dim, dtype=torch.float32, device=x.device)
+                _launch("dx", plan, lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), plan["splits"]),
+                        *common, partial, batch, num_kept, dim, x.stride(0), w.stride(0),
+                        plan["classes_per_split"], **scalars, **constexprs)
+                grad_x = partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
+            else:
+                grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=x.device)
+            grad_embeddings = grad_x.to(ctx.embedding_dtype)
         if ctx.needs_input_grad[1]:
-            # Chain through the row normalization in place, in chunks (bounded temporaries).
-            step = 65536
-            for start in range(0, rows.shape[0], step):
-                part = slice(start, start + step)
-                grad_w_hat[part] = normalized_rows_backward(
-                    w.index_select(0, rows[part]).float(), inv_norm[part], grad_w_hat[part])
-            grad_weight = sparse_row_grad(rows, grad_w_hat, w)
+            # Every kept row is written by exactly one dW program, in the weight's dtype.
+            grad_values = (torch.empty if work else torch.zeros)(rows.shape[0], dim, dtype=w.dtype, device=x.device)
+            if work:
+                k_pad = plan["consts"]["K_PAD"]
+                _launch("dw", plan, lambda meta: (triton.cdiv(num_kept, meta["BLOCK_R"] // k_pad),),
+                        *common, grad_values, batch, num_kept, dim, x.stride(0), w.stride(0),
+                        **scalars, **constexprs)
+            grad_weight = sparse_row_grad(rows, grad_values, w)
         return grad_embeddings, grad_weight, None, None, None, None, None
 
 
 def margin_softmax_stats_triton(
     embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size=None
 ):
-    """Fused Triton ``(lse, target_logit)``; ``chunk_size`` overrides the class tile (power of 2)."""
+    """Fused Triton ``(lse, target_logit)``; ``chunk_size``: classes per tile (a power of 2 >= 16)."""
     if triton is None:
         raise RuntimeError("margin_softmax_stats_triton needs the 'triton' package (pip install 'triton>=3.0')")
     validate_margin_softmax_inputs(embeddings, weight, class_index, target_position, num_subcenters, margin)

@@ -8,9 +8,15 @@ Both compute, for the kept classes of one rank (DESIGN.md sections 1-3),
     target[i]   = logit[i, target_position[i]]  (0 where the target lives on another rank)
 
 * ``margin_softmax_stats_torch`` is the CPU production path. It walks the classes in
-  tiles of ``chunk_size``, folds each tile into a running max / sum-exp (online
-  softmax) and, in backward, recomputes every tile from the saved ``lse``. Peak extra
-  memory is about ``B * chunk_size * K`` floats; the ``B x k`` logit matrix never exists.
+  tiles (``DEFAULT_TILE_ROWS`` center rows, i.e. ``DEFAULT_TILE_ROWS // K`` classes, or
+  ``chunk_size`` classes when given), folds each tile into a running max / sum-exp
+  (online softmax) and, in backward, recomputes every tile from the saved ``lse``. Peak
+  extra memory is a few ``B x tile rows`` buffers; the ``B x k`` logit matrix never
+  exists. Its cost is four GEMMs per tile (forward, recompute, dX, dW) against the naive
+  path's three, so everything else is kept off the ``k x D`` side: the GEMMs read the
+  raw rows (a slice view of W when the kept classes are contiguous, r = 1), the row
+  normalization is a per-column scale of the ``B x rows`` output, and its backward is
+  a ``B``-long reduction of the tile plus one fused update of the gradient rows.
 * ``margin_softmax_stats_naive`` materializes everything with plain autograd. It is the
   baseline for benchmarks and the reference for tests.
 
@@ -31,10 +37,17 @@ __all__ = [
     "normalized_rows_backward",
     "sparse_row_grad",
     "NORM_EPS",
+    "DEFAULT_TILE_ROWS",
+    "tile_classes",
 ]
 
 # Same floor as F.normalize: rows with a smaller norm are divided by NORM_EPS instead.
 NORM_EPS = 1e-12
+# Center rows (classes x K) per tile of the chunked path when chunk_size is None. A tile's
+# temporaries are a few B x rows buffers (dot products, probabilities and, for K > 1, the
+# gradient routed to the argmax sub-centers): ~8 MiB each at B = 256, fp32. 8192 rows
+# keeps each GEMM (B x D times D x 8192) large enough to run at the BLAS's full speed.
+DEFAULT_TILE_ROWS = 8192
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -127,81 +140,154 @@ def _compute_dtype(embeddings, weight):
     return torch.float32
 
 
-def _target_logit_slope(margin, cos_target):
-    """d target_logit / d cos at ``cos_target``, by autograd through margins.py (one formula)."""
+def tile_classes(num_subcenters: int, chunk_size=None) -> int:
+    """Classes per tile of the chunked path.
+
+    An explicit ``chunk_size`` counts classes (what ``head.chunk_size`` documents). The
+    default bounds center *rows* instead: ``DEFAULT_TILE_ROWS // K`` classes, because the
+    tile's temporaries are ``B x rows`` buffers, so with K = 3 a class-sized tile would
+    need 3x the memory of K = 1.
+    """
+    if chunk_size is None:
+        return max(1, DEFAULT_TILE_ROWS // num_subcenters)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (classes per tile), got {chunk_size!r}")
+    return chunk_size
+
+
+def _target_logit_and_slope(margin, cos_target):
+    """target_logit at ``cos_target`` and its d / d cos, by autograd through margins.py (one formula)."""
     with torch.enable_grad():
         cos_leaf = cos_target.detach().requires_grad_(True)
-        (slope,) = torch.autograd.grad(margin.target_logit(cos_leaf).sum(), cos_leaf)
-    return slope
+        logit = margin.target_logit(cos_leaf)
+        (slope,) = torch.autograd.grad(logit.sum(), cos_leaf)
+    return logit.detach(), slope
 
 
-def _tile_logits(x, weight, class_index_tile, local_target, num_subcenters, margin):
-    """Logits of one class tile plus what backward needs to chain through it.
+def _contiguous_first_class(class_index):
+    """First class when ``class_index`` is one run ``first, first+1, ...`` (r = 1), else None.
 
-    ``local_target`` is ``target_position - tile_start``; a row owns a target in this
-    tile where it lands in ``[0, m)``. The target column is replaced in place (gather /
-    scatter, no host sync).
+    A validated class_index is sorted and unique, so it is a run iff ``last - first == k - 1``;
+    then every tile's center rows are a slice *view* of the weight and the gather copy is
+    skipped. Only checked on CPU (where the inputs were validated): elsewhere reading two
+    elements would be a host sync per step, and the gather is cheap next to the GEMMs there.
     """
-    batch, num_tile = x.shape[0], class_index_tile.shape[0]
-    rows = kept_rows(class_index_tile, num_subcenters)
-    rows_fp = weight.index_select(0, rows).to(x.dtype)
-    inv_norm = 1.0 / torch.linalg.vector_norm(rows_fp, dim=1).clamp_min(NORM_EPS)
-    normalized = rows_fp * inv_norm[:, None]
-    cos = (x @ normalized.T).view(batch, num_tile, num_subcenters)
-    if num_subcenters == 1:
-        pooled, best_sub = cos.squeeze(2), None
-    else:
-        pooled, best_sub = cos.max(dim=2)
-    owned = (local_target >= 0) & (local_target < num_tile)
-    column = local_target.clamp(0, num_tile - 1)[:, None]
-    cos_target = pooled.gather(1, column).squeeze(1)
-    target_logit = margin.target_logit(cos_target)
-    logits = pooled.mul_(margin.scale) if num_subcenters == 1 else pooled * margin.scale
-    if num_subcenters == 1:
-        pooled = None  # aliased by logits now
-    plain = logits.gather(1, column).squeeze(1)
-    logits.scatter_(1, column, torch.where(owned, target_logit, plain)[:, None])
-    return {
-        "logits": logits, "best_sub": best_sub, "rows": rows, "rows_fp": rows_fp,
-        "inv_norm": inv_norm, "normalized": normalized, "owned": owned, "column": column,
-        "cos_target": cos_target, "target_logit": target_logit,
-    }
+    if class_index.device.type != "cpu" or class_index.numel() == 0:
+        return None
+    first, last = int(class_index[0]), int(class_index[-1])
+    return first if last - first == class_index.numel() - 1 else None
+
+
+class _Tiles:
+    """The class tiles of one pass: their center rows, target columns and reused scratch.
+
+    Scratch buffers are allocated for the first (largest) tile and viewed for the others,
+    so a pass holds the same few ``B x tile rows`` buffers however many tiles there are
+    and every tile's GEMM writes into memory that is already resident.
+    """
+
+    def __init__(self, weight, class_index, target_position, num_subcenters, tile, dtype):
+        self.weight = weight.detach()
+        self.class_index, self.target_position = class_index, target_position
+        self.num_subcenters, self.tile, self.dtype = num_subcenters, tile, dtype
+        self.first_class = _contiguous_first_class(class_index)
+        self._scratch = {}
+
+    def __iter__(self):
+        num_kept = self.class_index.shape[0]
+        for start in range(0, num_kept, self.tile):
+            yield start, min(start + self.tile, num_kept)
+
+    def centers(self, start, stop):
+        """Raw center rows of the tile's classes, class-major ((stop - start) * K, D), compute dtype."""
+        k_sub = self.num_subcenters
+        if self.first_class is not None:
+            rows = self.weight[(self.first_class + start) * k_sub:(self.first_class + stop) * k_sub]
+        else:
+            rows = self.weight.index_select(0, kept_rows(self.class_index[start:stop], k_sub))
+        return rows if rows.dtype == self.dtype else rows.to(self.dtype)
+
+    def targets(self, start, stop):
+        """(owned, column): rows whose target is in this tile, and its column (clamped into range)."""
+        local = self.target_position - start
+        owned = (local >= 0) & (local < stop - start)
+        return owned, local.clamp(0, stop - start - 1)[:, None]
+
+    def scratch(self, name, rows, cols):
+        numel = rows * cols
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[name] = torch.empty(numel, dtype=self.dtype, device=self.weight.device)
+        return buffer[:numel].view(rows, cols)
+
+
+def _tile_cosines(tiles, x, centers, inv_norm, with_argmax):
+    """Best-sub-center cosines of a tile, as ``pooled * column_scale`` (B x classes).
+
+    The GEMM runs on the raw rows (``cos = (x . w) * inv_norm``): no normalized copy of W.
+    K = 1: ``pooled`` are the raw dots and ``column_scale = inv_norm``, so the scaling is
+    folded into the next pass over the tile. K > 1: the max over sub-centers needs true
+    cosines, so the dots are scaled in place and ``column_scale`` is None. Also returns
+    the (B x rows) dots buffer itself and, if asked, the argmax sub-center (K > 1).
+    """
+    batch, num_rows = x.shape[0], centers.shape[0]
+    dots = torch.mm(x, centers.T, out=tiles.scratch("dots", batch, num_rows))
+    if tiles.num_subcenters == 1:
+        return dots, inv_norm, dots, None
+    cos = dots.mul_(inv_norm).view(batch, num_rows // tiles.num_subcenters, tiles.num_subcenters)
+    if with_argmax:
+        pooled, best_sub = cos.max(dim=2)  # max, not amax: one argmax per (row, class), as naive
+        return pooled, None, dots, best_sub
+    return cos.amax(dim=2), None, dots, None
+
+
+def _gather_cos(pooled, column_scale, column):
+    cos = pooled.gather(1, column).squeeze(1)
+    return cos if column_scale is None else cos * column_scale[column.squeeze(1)]
 
 
 class _ChunkedMarginSoftmax(torch.autograd.Function):
     """Online-softmax statistics over class tiles; backward recomputes each tile."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size):
+    def forward(ctx, embeddings, weight, class_index, target_position, num_subcenters, margin, tile):
         compute_dtype = _compute_dtype(embeddings, weight)
         x = embeddings.detach().to(compute_dtype)
-        batch, num_kept = x.shape[0], class_index.shape[0]
+        batch = x.shape[0]
+        tiles = _Tiles(weight, class_index, target_position, num_subcenters, tile, compute_dtype)
+        # 1/||w|| of every kept row: k*K floats, saved so backward does not re-read W for it.
+        inv_norm = torch.empty(class_index.shape[0] * num_subcenters, dtype=compute_dtype, device=x.device)
         running_max = torch.full((batch,), float("-inf"), dtype=compute_dtype, device=x.device)
         running_sum = torch.zeros(batch, dtype=compute_dtype, device=x.device)
         target_logit = torch.zeros(batch, dtype=compute_dtype, device=x.device)
-        for start in range(0, num_kept, chunk_size):
-            tile = _tile_logits(
-                x, weight.detach(), class_index[start:start + chunk_size],
-                target_position - start, num_subcenters, margin,
-            )
-            logits = tile["logits"]
+        for start, stop in tiles:
+            centers = tiles.centers(start, stop)
+            inv = inv_norm[start * num_subcenters:stop * num_subcenters]
+            torch.linalg.vector_norm(centers, dim=1, out=inv).clamp_min_(NORM_EPS).reciprocal_()
+            pooled, column_scale, _, _ = _tile_cosines(tiles, x, centers, inv, with_argmax=False)
+            owned, column = tiles.targets(start, stop)
+            tile_target = margin.target_logit(_gather_cos(pooled, column_scale, column))
+            # pooled is scratch (K = 1) or fresh (K > 1): scale it in place into logits.
+            logits = pooled.mul_(margin.scale if column_scale is None else margin.scale * column_scale)
+            plain = logits.gather(1, column).squeeze(1)
+            logits.scatter_(1, column, torch.where(owned, tile_target, plain)[:, None])
             new_max = torch.maximum(running_max, logits.amax(dim=1))
             # running_max starts at -inf; new_max is finite after the first (non-empty) tile.
-            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
-                logits.sub_(new_max[:, None])
-            ).sum(dim=1)
+            running_sum = running_sum * torch.exp(running_max - new_max) + (
+                logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+            )
             running_max = new_max
-            target_logit = torch.where(tile["owned"], tile["target_logit"], target_logit)
+            target_logit = torch.where(owned, tile_target, target_logit)
         lse = running_max + torch.log(running_sum)
         out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-        ctx.save_for_backward(embeddings, weight, class_index, target_position, lse)
-        ctx.num_subcenters, ctx.margin, ctx.chunk_size = num_subcenters, margin, chunk_size
+        ctx.save_for_backward(embeddings, weight, class_index, target_position, lse, inv_norm)
+        ctx.num_subcenters, ctx.margin, ctx.tile = num_subcenters, margin, tile
         return lse.to(out_dtype), target_logit.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target):
-        embeddings, weight, class_index, target_position, lse = ctx.saved_tensors
-        num_subcenters, margin, chunk_size = ctx.num_subcenters, ctx.margin, ctx.chunk_size
+        embeddings, weight, class_index, target_position, lse, inv_norm = ctx.saved_tensors
+        num_subcenters, margin, scale = ctx.num_subcenters, ctx.margin, ctx.margin.scale
         compute_dtype = lse.dtype
         x = embeddings.detach().to(compute_dtype)
         batch, num_kept = x.shape[0], class_index.shape[0]
@@ -213,36 +299,52 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             torch.empty(num_kept * num_subcenters, x.shape[1], dtype=weight.dtype, device=x.device)
             if want_w else None
         )
-        for start in range(0, num_kept, chunk_size):
-            tile = _tile_logits(
-                x, weight.detach(), class_index[start:start + chunk_size],
-                target_position - start, num_subcenters, margin,
-            )
-            # d lse / d logit = softmax; d target / d logit = one-hot on the owned target.
-            grad_logits = tile["logits"].sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])
-            column, owned = tile["column"], tile["owned"]
-            grad_at_target = grad_logits.gather(1, column).squeeze(1) + torch.where(owned, grad_target, 0.0)
-            slope = _target_logit_slope(margin, tile["cos_target"])
-            grad_cos = grad_logits.mul_(margin.scale)
-            grad_cos.scatter_(
-                1, column,
-                torch.where(owned, grad_at_target * slope, grad_at_target * margin.scale)[:, None],
-            )
-            num_tile = grad_cos.shape[1]
+        tiles = _Tiles(weight, class_index, target_position, num_subcenters, ctx.tile, compute_dtype)
+        neg_lse, grad_lse_scaled = -lse[:, None], (grad_lse * scale)[:, None]
+        for start, stop in tiles:
+            row_start, row_stop = start * num_subcenters, stop * num_subcenters
+            centers, inv = tiles.centers(start, stop), inv_norm[row_start:row_stop]
+            pooled, column_scale, dots, best_sub = _tile_cosines(tiles, x, centers, inv, with_argmax=True)
+            owned, column = tiles.targets(start, stop)
+            tile_target, slope = _target_logit_and_slope(margin, _gather_cos(pooled, column_scale, column))
+            # softmax = exp(logit - lse), with "logit - lse" formed in one pass over the tile.
+            prob = tiles.scratch("prob", batch, stop - start)
+            if column_scale is None:
+                torch.add(neg_lse, pooled, alpha=scale, out=prob)
+            else:
+                torch.addcmul(neg_lse, pooled, scale * column_scale, out=prob)
+            plain = prob.gather(1, column).squeeze(1)
+            prob.scatter_(1, column, torch.where(owned, tile_target - lse, plain)[:, None])
+            prob_at_column = prob.exp_().gather(1, column).squeeze(1)
+            # d loss / d cos = scale * softmax * g_lse off target; at an owned target the
+            # logit is margined: (softmax * g_lse + g_target) * d target_logit / d cos.
+            grad_cos = prob.mul_(grad_lse_scaled)
+            at_column = prob_at_column * grad_lse + torch.where(owned, grad_target, 0.0)
+            grad_cos.scatter_(1, column, torch.where(owned, at_column * slope, at_column * scale)[:, None])
             if num_subcenters > 1:
                 # Only the argmax sub-center of each (row, class) receives the gradient.
-                grad_cos = torch.zeros(
-                    batch, num_tile, num_subcenters, dtype=compute_dtype, device=x.device
-                ).scatter_(2, tile["best_sub"][:, :, None], grad_cos[:, :, None])
-                grad_cos = grad_cos.view(batch, num_tile * num_subcenters)
-            if want_x:
-                grad_x.addmm_(grad_cos, tile["normalized"])
+                routed = tiles.scratch("routed", batch, row_stop - row_start).zero_()
+                routed.view(batch, stop - start, num_subcenters).scatter_(2, best_sub[:, :, None], grad_cos[:, :, None])
+                grad_cos = routed
             if want_w:
-                grad_normalized = grad_cos.T @ x
-                stop = start * num_subcenters + tile["rows"].shape[0]
-                grad_values[start * num_subcenters:stop] = normalized_rows_backward(
-                    tile["rows_fp"], tile["inv_norm"], grad_normalized
-                )
+                # Normalization backward without touching W twice: with g = d loss / d cos,
+                # d loss / d w = inv * (g^T x) - inv^2 * (sum_b g * cos) * w  (rows above eps).
+                # sum_b g * cos is a B-long reduction of the tile; dots is dead after it.
+                radial = dots.mul_(grad_cos).sum(dim=0)
+                if column_scale is not None:
+                    radial.mul_(inv)  # K = 1: dots were raw, cos = dots * inv
+                radial_coef = torch.where(inv < 1.0 / NORM_EPS, radial * inv * inv, 0.0)
+            grad_dots = grad_cos.mul_(inv)  # d loss / d (x . w)
+            if want_x:
+                grad_x.addmm_(grad_dots, centers)
+            if want_w:
+                # Written straight into the gradient rows unless they are stored in a lower precision.
+                direct = grad_values.dtype == compute_dtype
+                destination = grad_values[row_start:row_stop] if direct else None
+                rows_grad = torch.mm(grad_dots.T, x, out=destination)
+                rows_grad.addcmul_(centers, radial_coef[:, None], value=-1.0)
+                if not direct:
+                    grad_values[row_start:row_stop] = rows_grad
         grad_embeddings = grad_x.to(embeddings.dtype) if want_x else None
         grad_weight = (
             sparse_row_grad(kept_rows(class_index, num_subcenters), grad_values, weight) if want_w else None
@@ -251,16 +353,16 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
 
 
 def margin_softmax_stats_torch(
-    embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size=8192
+    embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size=None
 ):
-    """Chunked (online-softmax) ``(lse, target_logit)``; see the module docstring."""
+    """Chunked (online-softmax) ``(lse, target_logit)``; see the module docstring.
+
+    ``chunk_size``: classes per tile; None = ``DEFAULT_TILE_ROWS // num_subcenters``.
+    """
     validate_margin_softmax_inputs(embeddings, weight, class_index, target_position, num_subcenters, margin)
-    if chunk_size is None:
-        chunk_size = 8192
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    tile = tile_classes(num_subcenters, chunk_size)
     return _ChunkedMarginSoftmax.apply(
-        embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size
+        embeddings, weight, class_index, target_position, num_subcenters, margin, tile
     )
 
 

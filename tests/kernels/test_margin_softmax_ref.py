@@ -23,7 +23,7 @@ import torch
 from margin_cases import MARGINS, assert_close_scaled, build_case, rounded_case, run_impl
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from partialfc.kernels import margin_softmax_stats, resolve_impl
+from partialfc.kernels import margin_softmax_ref, margin_softmax_stats, resolve_impl
 from partialfc.kernels.margin_softmax_ref import (
     margin_softmax_stats_naive,
     margin_softmax_stats_torch,
@@ -102,6 +102,14 @@ def test_naive_gradient_matches_numpy_finite_differences(margin_name):
             assert abs(numeric - grad.view(-1)[flat].item()) < 1e-4 * max(1.0, abs(numeric)), (name, flat)
 
 
+def assert_float64_match(got, want):
+    """The float64 row of the tolerance table: stats 1e-12, gradients 1e-10."""
+    for key in ("lse", "target"):
+        assert_close_scaled(key, got[key], want[key], rtol=1e-12)
+    for key in ("grad_x", "grad_w"):
+        assert_close_scaled(key, got[key], want[key], rtol=1e-10)
+
+
 SHAPES = [  # (batch, num_local, num_kept, dim)
     (3, 1, 1, 16),
     (37, 500, 423, 16),
@@ -117,10 +125,7 @@ def test_torch_path_matches_naive_float64(margin_name, num_subcenters, shape):
     case = build_case(batch, num_local, num_kept, dim, num_subcenters, seed=batch + num_kept)
     want = run_impl(margin_softmax_stats_naive, case, margin)
     got = run_impl(margin_softmax_stats_torch, case, margin, chunk_size=100)
-    for key in ("lse", "target"):
-        assert_close_scaled(key, got[key], want[key], rtol=1e-12)
-    for key in ("grad_x", "grad_w"):
-        assert_close_scaled(key, got[key], want[key], rtol=1e-10)
+    assert_float64_match(got, want)
 
 
 @pytest.mark.parametrize("dtype,weight_dtype", [
@@ -184,6 +189,21 @@ def test_all_targets_off_rank_and_single_output_backward():
         assert_close_scaled("grad_x", embeddings.grad, expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("num_subcenters", [1, 3])
+def test_torch_path_embedding_gradient_alone(num_subcenters):
+    # A frozen center shard: backward skips the weight side entirely; dX must not change.
+    margin = MARGINS["arcface"]
+    case = build_case(batch=9, num_local=40, num_kept=30, dim=16, num_subcenters=num_subcenters, seed=6)
+    grads = []
+    for fn, kwargs in ((margin_softmax_stats_torch, {"chunk_size": 7}), (margin_softmax_stats_naive, {})):
+        embeddings = case["embeddings"].clone().requires_grad_(True)
+        lse, target = fn(embeddings, case["weight"], case["class_index"], case["target_position"],
+                         num_subcenters, margin, **kwargs)
+        torch.autograd.backward([lse, target], [case["grad_lse"], case["grad_target"]])
+        grads.append(embeddings.grad)
+    assert_close_scaled("grad_x", grads[0], grads[1], rtol=1e-10)
+
+
 def test_sparse_gradient_layout():
     margin = MARGINS["combined"]
     case = build_case(batch=6, num_local=50, num_kept=17, dim=16, num_subcenters=3)
@@ -226,6 +246,47 @@ def test_torch_path_never_builds_a_batch_by_classes_buffer():
             (lse.sum() + target.sum()).backward()
         # The weight-gradient rows (k x D = 800) are allowed; a B x k buffer (12800) is not.
         assert (probe.largest < batch * num_kept // 4) == should_fit, (fn.__name__, probe.largest)
+
+
+def _largest_temporary(fn, case, num_subcenters, chunk_size=None):
+    embeddings = case["embeddings"].float().requires_grad_(True)
+    weight = case["weight"].float().requires_grad_(True)
+    with _LargestAllocation() as probe:
+        lse, target = fn(embeddings, weight, case["class_index"], case["target_position"], num_subcenters,
+                         MARGINS["arcface"], chunk_size=chunk_size)
+        (lse.sum() + target.sum()).backward()
+    return probe.largest
+
+
+def test_default_tile_bounds_center_rows_so_k3_needs_no_more_memory_than_k1(monkeypatch):
+    # A tile's temporaries are B x (classes x K) buffers: a default tile counted in classes
+    # would make them K times larger. With the default counted in rows they match.
+    monkeypatch.setattr(margin_softmax_ref, "DEFAULT_TILE_ROWS", 96)
+    batch, num_kept, dim = 64, 200, 4
+    largest = {}
+    for num_subcenters in (1, 3):
+        case = build_case(batch, 250, num_kept, dim, num_subcenters, seed=4)
+        largest[num_subcenters] = _largest_temporary(margin_softmax_stats_torch, case, num_subcenters)
+    # B x 96 rows = 6144 elements per buffer; weight-gradient rows are 200 x 3 x 4 = 2400.
+    assert largest[1] == batch * 96, largest
+    assert largest[3] <= 1.1 * largest[1], largest
+    # An explicit chunk_size still counts classes: 32 classes x 3 sub-centers = 96 rows.
+    assert _largest_temporary(margin_softmax_stats_torch, case, 3, chunk_size=32) == batch * 96
+
+
+@pytest.mark.parametrize("num_subcenters", [1, 3])
+@pytest.mark.parametrize("first_class", [0, 13])
+def test_torch_path_contiguous_classes_use_weight_views(num_subcenters, first_class):
+    # r = 1 keeps a contiguous run of classes: tiles then read W through slice views
+    # instead of a gather. Same numbers as naive, on several tiles with a partial last one.
+    margin = MARGINS["combined"]
+    num_kept = 50
+    case = build_case(batch=19, num_local=first_class + num_kept + 4, num_kept=num_kept, dim=16,
+                      num_subcenters=num_subcenters, seed=first_class + num_subcenters)
+    case["class_index"] = torch.arange(first_class, first_class + num_kept)
+    want = run_impl(margin_softmax_stats_naive, case, margin)
+    got = run_impl(margin_softmax_stats_torch, case, margin, chunk_size=16)
+    assert_float64_match(got, want)
 
 
 def test_bad_inputs_name_the_argument():
