@@ -118,6 +118,8 @@ class TrainConfig:
     """Run directory: resolved config, logs, checkpoints."""
     log_every: int = 10
     """Steps between log lines."""
+    progress: str = "auto"
+    """Progress bar on rank 0 (tqdm, on stderr): auto (when stderr is a terminal), on or off."""
     checkpoint_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
     keep_last: int = 3
@@ -185,6 +187,7 @@ CHOICES = {
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "backend"): ("auto", "nccl", "gloo"),
     ("train", "engine"): ("ddp", "deepspeed"),
+    ("train", "progress"): ("auto", "on", "off"),
     ("train", "zero_stage"): (1, 2),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -250,10 +251,30 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
 
+    def _progress_bar(self):
+        """tqdm bar on rank 0, or None. ``auto`` shows it on a terminal only: in a batch
+        job's log file a bar is noise, and the per-window log lines say the same."""
+        setting = self.cfg.train.progress
+        if not self.runtime.is_main or setting == "off" or (setting == "auto" and not sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
     def _train_loop(self) -> dict:
+        bar = self._progress_bar()
+        if bar is None:
+            return self._train_steps(None)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with bar, logging_redirect_tqdm():  # log lines print above the bar, not through it
+            return self._train_steps(bar)
+
+    def _train_steps(self, bar) -> dict:
         metrics_file = self.output / "metrics.jsonl"
         cfg = self.cfg.train
         started, window_start, window_steps, window_wait = time.time(), time.time(), 0, 0.0
+        self._first_step = self.step  # for the ETA after a resume
         last_loss = float("nan")
         while self.step < self.stop_step and self.epoch < cfg.epochs:
             batches = iter(self.source.epoch(self.epoch, self.batch_in_epoch))
@@ -272,6 +293,8 @@ class Trainer:
                     images_per_s = window_steps * self.cfg.data.batch_size * self.runtime.world_size / (now - window_start)
                     self._log_step(metrics_file, last_loss, images_per_s, now - started,
                                    data_wait_share=window_wait / max(now - window_start, 1e-9))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
                     window_start, window_steps, window_wait = now, 0, 0.0
                 if self.metrics is not None:
                     self.metrics.observe_step(
@@ -281,6 +304,8 @@ class Trainer:
                         grad_norm=float(grad_norm) if (log_now and grad_norm is not None) else None,
                         num_sampled_classes=self.head.last_num_sampled,
                     )
+                if bar is not None:
+                    bar.update(1)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 self._maybe_evaluate()
@@ -306,7 +331,7 @@ class Trainer:
         if not self.runtime.is_main:
             return
         lr = self.schedulers["backbone"].get_last_lr()[0]
-        remaining = (self.stop_step - self.step) * elapsed / max(1, self.step)
+        remaining = (self.stop_step - self.step) * elapsed / max(1, self.step - self._first_step)
         log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %ds",
                  self.step, self.stop_step, self.epoch, loss, lr, images_per_s, remaining)
         with metrics_file.open("a") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,7 +55,9 @@ def losses(output):
 
 
 def test_demo_loss_falls(tmp_path):
-    train(tmp_path / "demo", "train.max_steps=24", "train.log_every=4")
+    result = train(tmp_path / "demo", "train.max_steps=24", "train.log_every=4", "train.progress=on")
+    assert re.search(r"\| 24/24 \[.*loss=", result.stderr)  # rank 0's tqdm bar reached the end
+    assert "step 24/24" in result.stderr  # and the log lines still came through
     recorded = losses(tmp_path / "demo")
     assert [s for s, _ in recorded] == [4, 8, 12, 16, 20, 24]
     assert recorded[-1][1] < 0.5 * recorded[0][1], recorded
