@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from partialfc import checkpoint as ckpt
+from partialfc.atomic_io import atomic_write_text
 from partialfc.config import Config, config_to_dict, dump_config
 from partialfc.data import build_source
 from partialfc.distributed.engines import build_engine
@@ -187,9 +188,7 @@ class Trainer:
             return
         kept = [line for line in metrics_file.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = metrics_file.with_name(metrics_file.name + ".partial")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(metrics_file)
+        atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ step
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):

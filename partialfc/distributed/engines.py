@@ -345,7 +345,7 @@ class DeepSpeedEngine(BackboneEngine):
     def _step(self):
         if not self.ds_engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's micro-step count disagrees with train.accumulate")
-        scaler = self._grad_scaler
+        scaler = self.scaler
         scale = scaler.get_scale() if scaler is not None else 1.0
         if scaler is not None:
             # DeepSpeed (0.19) ZeRO-1/2 with autocast fp16 clips by the norm of the still
@@ -394,8 +394,9 @@ class DeepSpeedEngine(BackboneEngine):
                 for i, group in enumerate(base.param_groups)]
 
     @property
-    def _grad_scaler(self):
-        """The torch GradScaler DeepSpeed's ZeRO optimizer runs for autocast fp16, else None."""
+    def scaler(self):
+        """The torch GradScaler DeepSpeed's ZeRO optimizer runs for autocast fp16, else None
+        (the counterpart of ``DDPEngine.scaler``)."""
         return getattr(self.optimizer, "torch_autocast_gradscaler", None)
 
     def _param_indices(self) -> dict:
@@ -427,7 +428,7 @@ class DeepSpeedEngine(BackboneEngine):
         engine = self.ds_engine
         return {"optimizer": {"state": state, "param_groups": groups},
                 "scheduler": self.scheduler.state_dict(),
-                "scaler": self._grad_scaler.state_dict() if self._grad_scaler is not None else {},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "deepspeed": {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
                               "skipped_steps": int(engine.skipped_steps)}}
 
@@ -435,6 +436,7 @@ class DeepSpeedEngine(BackboneEngine):
         """Scatter a torch-format optimizer state (from either engine, any world size) into
         ZeRO's partitions on this rank."""
         from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
         saved = state["optimizer"]
         saved_groups = saved["param_groups"]
@@ -442,8 +444,10 @@ class DeepSpeedEngine(BackboneEngine):
         if len(saved_groups) != len(groups):
             raise ValueError(f"backbone optimizer state has {len(saved_groups)} parameter groups, this engine has "
                              f"{len(groups)}")
-        base = self._zero_optimizer().optimizer
+        zero = self._zero_optimizer()
+        base = zero.optimizer
         index = self._param_indices()
+        restored = 0
         for (group, flat, members), saved_group in zip(groups, saved_groups):
             wanted = [index[id(p)] for p in members]
             if sorted(saved_group["params"]) != sorted(wanted):
@@ -463,15 +467,20 @@ class DeepSpeedEngine(BackboneEngine):
                 else:  # one value per group (Adam's step count)
                     flat_state[key] = value.clone().to(flat.device) if torch.is_tensor(value) else value
             # A fresh engine has no optimizer state yet (it appears at the first step);
-            # point the fragment mappings at the tensors just created, then scatter.
-            self._relink()
+            # point this group's fragment mappings at the tensors just created, then scatter.
+            lazy_init_hp_params_optimizer_state(members, flat, base.state)
             for param, entry in zip(members, entries):
                 for key, value in entry.items():
                     if _per_element(value, param):
                         safe_set_full_optimizer_state(param, value.to(flat.device, torch.float32), key)
+            restored += 1
+        if restored == len(groups):
+            # Every group is linked: DeepSpeed's own link after its first step is not needed
+            # (a group restored from nothing is left for DeepSpeed to link then).
+            zero._hp_optimizer_states_linked = True
         self.scheduler.load_state_dict(state["scheduler"])
-        if self._grad_scaler is not None and state.get("scaler"):
-            self._grad_scaler.load_state_dict(state["scaler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         counters = state.get("deepspeed")
         if counters:  # for DeepSpeed's own logging; the schedule above is what trains
             engine = self.ds_engine
@@ -479,15 +488,6 @@ class DeepSpeedEngine(BackboneEngine):
             engine.global_samples = counters["global_samples"]
             engine.skipped_steps = counters["skipped_steps"]
             engine.micro_steps = counters["global_steps"] * self.accumulate
-
-    def _relink(self) -> None:
-        """Point the parameters' fragment mappings at the current optimizer state tensors."""
-        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
-        zero = self._zero_optimizer()
-        for group, flat, members in self._groups():
-            lazy_init_hp_params_optimizer_state(members, flat, zero.optimizer.state)
-        zero._hp_optimizer_states_linked = True
 
     def backbone_state_dict(self) -> dict:
         """Collective. The module's state with every trainable parameter as ZeRO's fp32 master copy."""

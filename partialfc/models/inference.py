@@ -203,4 +203,3 @@ def read_backbone_state(path: PathLike, model: nn.Module, map_location="cpu") ->
     state_dict = _strip_wrapper_prefixes(payload["state_dict"])
     _check_state_dict_matches(file, model, state_dict)
     return state_dict
-

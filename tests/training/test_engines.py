@@ -97,11 +97,6 @@ def _dense(grad):
 
 
 # ---------------------------------------------------------------------- per-rank runs
-def _grad_scaler(engine):
-    """The fp16 GradScaler of either engine (DDP's own, DeepSpeed's inside ZeRO), or None."""
-    return getattr(engine, "scaler", None) or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
-
-
 def _train_on_rank(kind, zero_stage, accumulate, steps, capture_grads=False, amp="none", init_scale=None,
                    batchnorm_train=False):
     """Train ``steps`` optimizer steps; each rank's batch is split into ``accumulate`` micro-batches."""
@@ -121,7 +116,7 @@ def _train_on_rank(kind, zero_stage, accumulate, steps, capture_grads=False, amp
     engine.train(batchnorm_train)
     start = _flat(engine.module)
     if amp == "fp16" and init_scale is not None:
-        _grad_scaler(engine)._init_scale = init_scale  # before its first use; no public setter
+        engine.scaler._init_scale = init_scale  # before its first use; no public setter
     losses, norms, grads = [], [], []
     for images, labels in _batches(rank, WORLD, BATCH, steps):
         engine.zero_grad()
@@ -142,7 +137,7 @@ def _train_on_rank(kind, zero_stage, accumulate, steps, capture_grads=False, amp
         head_schedule.step()
         losses.append(step_loss)
         norms.append(float(norm))
-    scaler = _grad_scaler(engine)
+    scaler = engine.scaler
     return {"losses": losses, "norms": norms, "backbone": _flat(engine.module), "head": head.weight.detach().clone(),
             "grads": grads, "lr": engine.optimizer.param_groups[0]["lr"], "start": start,
             "scale": scaler.get_scale() if scaler is not None else None}
