@@ -23,8 +23,11 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Each `make demo` trains anew: an earlier demo in runs/demo is moved to runs/demo/superseded_*
+# (train.resume = never). ARGS="--resume auto" continues it instead.
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m partialfc.train configs/demo.toml $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m partialfc.train configs/demo.toml \
+		--set train.resume=never $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

@@ -25,6 +25,8 @@ setup(
         "pillow>=9.0",
         "rich>=13.0",
         "tqdm>=4.60",
+        # The trainer serves Prometheus metrics by default (metrics.port_base): a core need.
+        "prometheus-client>=0.17",
     ],
     extras_require={
         # Fused Triton kernel (CUDA at run time; TRITON_INTERPRET=1 on CPU for tests).
@@ -32,7 +34,7 @@ setup(
         # DALI RecordIO pipeline; the CUDA 12 wheel also runs CPU pipelines.
         "dali": ["nvidia-dali-cuda120>=1.30"],
         "deepspeed": ["deepspeed>=0.14"],
-        "metrics": ["prometheus-client>=0.17", "tensorboard>=2.12"],
+        "metrics": ["tensorboard>=2.12"],  # metrics.tensorboard = true
         "eval": ["matplotlib>=3.6", "onnx>=1.14", "onnxruntime>=1.16"],
         "test": ["pytest>=7.0", "pytest-timeout>=2.1"],
     },

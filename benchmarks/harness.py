@@ -95,8 +95,54 @@ def machine_info() -> dict:
     return info
 
 
+def module_at_revision(path: str, revision: str, module_name: str):
+    """The module ``path`` (repository-relative) as it was at git ``revision``, loaded from
+    a temporary copy: a "before" beside the "after" in one benchmark run. The module must
+    import nothing of the package that changed since. ValueError if git cannot show it."""
+    import importlib.util
+
+    done = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"cannot read {path} at {revision!r}: {done.stderr.strip()}")
+    with tempfile.NamedTemporaryFile("w", suffix="_" + os.path.basename(path), delete=False) as handle:
+        handle.write(done.stdout)
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, handle.name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        os.unlink(handle.name)
+    return module
+
+
+def revision_spec(spec: str, names, versioned: str, path: str) -> str:
+    """argparse type body: ``spec`` is one of ``names``, or ``versioned@REV`` with ``path``
+    readable at REV; returned with REV as its short hash (HEAD moves, the table keeps what
+    was measured)."""
+    import argparse
+
+    name, _, revision = spec.partition("@")
+    if name not in names or (revision and name != versioned):
+        raise argparse.ArgumentTypeError(f"impl must be one of {tuple(names)} or {versioned}@REV, got {spec!r}")
+    if not revision:
+        return spec
+    done = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise argparse.ArgumentTypeError(f"cannot read {path} at {revision!r}: {done.stderr.strip()}")
+    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=REPO_ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return f"{versioned}@{commit or revision}"
+
+
 def git_commit(repo_dir: str = REPO_ROOT) -> str:
-    """``git rev-parse --short HEAD``, with ``+dirty`` when the tree has uncommitted changes."""
+    """``git rev-parse --short HEAD``, with ``+dirty`` when the tree has uncommitted changes.
+
+    ``PARTIALFC_COMMIT`` overrides it, for a copy of the tree without its ``.git`` (a
+    borrowed GPU machine): the caller states what was copied.
+    """
+    if os.environ.get("PARTIALFC_COMMIT"):
+        return os.environ["PARTIALFC_COMMIT"]
+
     def git(*args):
         done = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else None

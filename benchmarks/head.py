@@ -59,7 +59,8 @@ def bench_rank(rank: int, world_size: int, partial: dict, case: dict) -> dict:
     head = PartialFC(
         CombinedMargin.preset("arcface"), case["dim"], num_local * world_size,
         sample_rate=case["sample_rate"], num_subcenters=subcenters,
-        impl=case["impl"], chunk_size=case["chunk_size"], seed=0,
+        impl=case["impl"], chunk_size=case["chunk_size"], seed=0, **case.get("geodesic", {}),
+        compute_dtype=getattr(torch, case.get("compute_dtype", "float32")),
     ).to(device)
     weight = head.weight
     dense_update = case["impl"] == "naive"
@@ -73,6 +74,8 @@ def bench_rank(rank: int, world_size: int, partial: dict, case: dict) -> dict:
     total_steps = case["warmup"] + case["steps"]
     labels = [torch.randint(0, head.num_classes, (batch,), device=device, generator=generator)
               for _ in range(total_steps)]
+    if "geodesic" in case:  # identities in pairs (P x 2 sampling), so the triplet term has positives
+        labels = [step_labels.view(-1, 2)[:, :1].expand(-1, 2).reshape(-1) for step_labels in labels]
 
     meter = harness.PeakMemory(device)
     meter.set_baseline()
@@ -141,8 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs="+", type=float, default=[1e4, 1e5, 1e6], help="classes per rank")
     parser.add_argument("--subcenters", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--rates", nargs="+", type=float, default=[0.1, 1.0], help="sample rates")
-    parser.add_argument("--ours-impl", default="auto", choices=("auto", "torch", "triton"),
-                        help="head impl of our path (auto: triton on CUDA, chunked torch on CPU)")
+    parser.add_argument("--ours-impl", default="auto", choices=("auto", "gemm", "torch", "triton"),
+                        help="head impl of our path (auto: partialfc.kernels.AUTO_TABLE)")
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="head.compute_dtype of both paths (the embeddings fed to the op; weights stay fp32)")
     parser.add_argument("--chunk-size", type=int, default=None, help="class tile (default: the impl's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="timed steps (median)")
@@ -159,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="smoke run: 1e3 classes, K=1, r=1, batch 32, D=64, 1+2 steps")
     parser.add_argument("--out", default=None, help="markdown results file (written atomically)")
     parser.add_argument("--append", action="store_true", help="add this run's report below what --out holds")
+    parser.add_argument("--geodesic", action="store_true",
+                        help="instead of ours vs base: the extra time and memory of each geodesic penalty "
+                             "(intra, inter, triplet, all three) over our head without them")
     args = parser.parse_args(argv)
     if args.quick:
         args.classes, args.subcenters, args.rates = [1e3], [1], [1.0]
@@ -195,8 +203,10 @@ def run_case(args, classes: int, subcenters: int, rate: float, impl: str) -> dic
         batch=args.batch, dim=args.dim, chunk_size=args.chunk_size,
         warmup=args.large_warmup if kept_rows >= args.large_rows else args.warmup,
         steps=args.large_steps if kept_rows >= args.large_rows else args.steps,
-        threads=args.threads, timeout=args.timeout,
+        threads=args.threads, timeout=args.timeout, compute_dtype=args.compute_dtype,
     )
+    if args.geodesic:
+        case["geodesic"] = args.geodesic_weights
     records = harness.run_ranks(bench_rank, args.world_size, case, mem_cap_gib=args.mem_cap_gib,
                                 timeout=args.timeout)
     errors = [r["error"] for r in records if "error" in r]
@@ -253,6 +263,11 @@ def _fwd_bwd_extra(res: dict):
     return max(0, res["fwd_bwd_peak"] - res["grad_bytes"])
 
 
+def _optimizer_share(res: dict) -> str:
+    """Median update time / median step time: how much of the head step the optimizer takes."""
+    return f"{res['update_s'] / res['step_s']:.0%}" if "step_s" in res and res["step_s"] else "-"
+
+
 def _tflops(res: dict, dim: int, subcenters: int):
     """Useful head FLOP/s on CUDA: logits, dX and dW matmuls (6 B k K D), recomputation not counted."""
     if "step_s" not in res:
@@ -264,7 +279,7 @@ def build_report(args, results: list, command: str) -> str:
     headers = ["classes/rank", "K", "r", "kept rows/rank", "W+M MiB/rank",
                "step s ours", "step s base", "time ratio",
                "peak MiB ours", "peak MiB base", "mem ratio",
-               "fwd+bwd extra MiB ours", "fwd+bwd extra MiB base"]
+               "fwd+bwd extra MiB ours", "fwd+bwd extra MiB base", "optimizer share ours", "optimizer share base"]
     cuda = args.device == "cuda"
     if cuda:
         headers += ["TFLOP/s ours", "% bf16 peak"]
@@ -278,7 +293,8 @@ def build_report(args, results: list, command: str) -> str:
                _ratio(ours.get("step_s"), base.get("step_s")),
                _mib(peak_ours) if peak_ours is not None else _short_error(ours),
                _mib(peak_base) if peak_base is not None else _short_error(base),
-               _ratio(peak_ours, peak_base), _mib(_fwd_bwd_extra(ours)), _mib(_fwd_bwd_extra(base))]
+               _ratio(peak_ours, peak_base), _mib(_fwd_bwd_extra(ours)), _mib(_fwd_bwd_extra(base)),
+               _optimizer_share(ours), _optimizer_share(base)]
         if cuda:
             tflops = _tflops(ours, args.dim, subcenters)
             peak = harness.bf16_peak_tflops(ours.get("device_name", ""))
@@ -302,7 +318,8 @@ def build_report(args, results: list, command: str) -> str:
         "(other jobs on the machine inflate times, not memory)", "",
         f"Setup: {args.world_size} ranks ({args.device}, {'nccl' if args.device == 'cuda' else 'gloo'}), "
         f"batch {args.batch}/rank (global {args.batch * args.world_size}), D = {args.dim}, ArcFace margin, "
-        f"SGD lr 0.1 momentum 0.9 wd 5e-4, fp32. Ours: {ours_name}. Base: impl=naive (full fp32 logits, "
+        f"SGD lr 0.1 momentum 0.9 wd 5e-4, fp32 weights, head.compute_dtype {args.compute_dtype}. "
+        f"Ours: {ours_name}. Base: impl=naive (full fp32 logits, "
         f"plain autograd) + weight gradient densified (.to_dense()) + torch.optim.SGD. "
         f"Time: median of {args.steps} timed steps after {args.warmup} warm-up "
         f"({args.large_steps} after {args.large_warmup} where kept rows/rank >= {args.large_rows:.0e}), "
@@ -318,7 +335,8 @@ def build_report(args, results: list, command: str) -> str:
            "resets it to the current RSS before each phase, and glibc's free heap is trimmed before the "
            "baseline, so it counts every page the phase touched (torch tensors, gloo buffers, allocator slack). "
            if not cuda else "")
-        + "Ratios are ours / base (below 1 = ours is better).",
+        + "Ratios are ours / base (below 1 = ours is better). 'optimizer share' = median time of the update "
+        "(ours: RowSparseSGD.step; base: densify + torch.optim.SGD.step) / median time of the whole step.",
         "",
         harness.markdown_table(headers, rows), "",
     ]
@@ -353,6 +371,72 @@ def _bar_section(args, results) -> list[str]:
     return lines + [""]
 
 
+GEODESIC_VARIANTS = {
+    "none": {},
+    "intra": {"intra_weight": 1.0},
+    "inter": {"inter_weight": 1.0},
+    "triplet": {"triplet_weight": 1.0},
+    "all three": {"intra_weight": 1.0, "inter_weight": 1.0, "triplet_weight": 1.0},
+}
+
+
+def run_geodesic(args, command: str, write=print) -> None:
+    """Our head with each geodesic penalty switched on, against the same head without them.
+
+    ``write(report)`` gets the report after every configuration, so a long run keeps what it measured.
+    """
+    headers = ["classes/rank", "K", "r", "terms", "step s", "extra s", "extra time",
+               "fwd+bwd peak MiB", "extra MiB", "extra MiB / W+M"]
+    rows, failures, methods = [], [], set()
+    for classes in args.classes:
+        for subcenters in args.subcenters:
+            for rate in args.rates:
+                key = (int(classes), subcenters, rate)
+                state_bytes = 2 * key[0] * subcenters * args.dim * BYTES_FP32
+                results = {}
+                for name, weights in GEODESIC_VARIANTS.items():
+                    args.geodesic_weights = weights
+                    results[name] = res = run_case(args, *key, args.ours_impl)
+                    off = results["none"]
+                    if "error" in res:
+                        failures.append(f"- {key[0]:.0e} classes/rank, K = {subcenters}, r = {rate}, {name}: "
+                                        f"{res['error']}")
+                        rows.append([f"{key[0]:.0e}", subcenters, rate, name, _cell_time(res)] + ["-"] * 5)
+                        continue
+                    extra_s = res["step_s"] - off["step_s"] if "step_s" in off else None
+                    extra_b = res["fwd_bwd_peak"] - off["fwd_bwd_peak"] if "fwd_bwd_peak" in off else None
+                    rows.append([f"{key[0]:.0e}", subcenters, rate, name, f"{res['step_s']:.3f}",
+                                 "-" if extra_s is None else f"{extra_s:+.3f}",
+                                 "-" if extra_s is None else f"{extra_s / off['step_s']:+.0%}",
+                                 _mib(res["fwd_bwd_peak"]), "-" if extra_b is None else f"{extra_b / harness.MIB:+,.0f}",
+                                 "-" if extra_b is None else f"{extra_b / state_bytes:+.3f}"])
+                    methods.add(res["memory_method"])
+                    print(f"classes/rank={key[0]:.0e} K={subcenters} r={rate} {name}: {rows[-1][4]} s, "
+                          f"{rows[-1][7]} MiB", flush=True)
+                write(_geodesic_report(args, command, headers, rows, failures, methods))
+
+
+def _geodesic_report(args, command, headers, rows, failures, methods) -> str:
+    lines = [
+        "# Partial FC head: extra cost of the geodesic penalties (intra, inter, triplet)", "",
+        *harness.provenance_lines(command),
+        f"- Load average (1 min) at start / end: {args.load_start} / {harness.load_average()}", "",
+        f"Setup: {args.world_size} ranks ({args.device}), batch {args.batch}/rank (global "
+        f"{args.batch * args.world_size}, identities in pairs so triplets have positives), D = {args.dim}, "
+        f"ArcFace, impl={args.ours_impl} + RowSparseSGD, each weight 1.0. One training step of the head "
+        f"(forward, backward, optimizer); time: median of {args.steps} steps after {args.warmup} warm-up "
+        f"({args.large_steps} after {args.large_warmup} where kept rows/rank >= {args.large_rows:.0e}), slowest "
+        f"rank. 'extra' = this row minus the 'none' row of the same configuration (the head without "
+        f"penalties). 'fwd+bwd peak' = peak memory of forward+backward above weights + momentum, gradient "
+        f"rows included (method: {', '.join(sorted(methods)) or '-'}); 'W+M' = weights + momentum of the "
+        "shard.", "",
+        harness.markdown_table(headers, rows), "",
+    ]
+    if failures:
+        lines += ["Not measured:", "", *failures, ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     base_impl = "naive"
@@ -364,6 +448,14 @@ def main(argv=None) -> None:
     if args.out and args.append and os.path.exists(args.out):
         with open(args.out) as existing:
             previous = existing.read()
+    if args.geodesic:
+        def write(report):
+            if previous:
+                report = previous.rstrip("\n") + "\n\n" + report.replace("# ", "## ", 1)
+            harness.write_atomic(args.out, report)
+
+        run_geodesic(args, command, write if args.out else print)
+        return
     print(f"# {args.world_size} ranks on {args.device}; columns: ours | base", flush=True)
     for classes in args.classes:
         for subcenters in args.subcenters:

@@ -9,10 +9,11 @@
 #
 # Arguments before "--" go to torchrun (they come after the defaults, so e.g. an explicit
 # --nproc_per_node wins); arguments after "--" go to `python -m partialfc.train`.
-# Environment: NPROC (ranks; default: GPU count, or 2 on CPU), PYTHON (default python3).
+# Environment: NPROC (ranks; default: GPU count, or 2 on CPU), PYTHON (interpreter; default:
+# the project's .venv/bin/python when it exists, as `make demo` creates it, else python3).
 set -euo pipefail
 
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
     usage
     [[ $# -ge 1 ]] && exit 0 || exit 2
@@ -33,7 +34,16 @@ done
 [[ $# -gt 0 ]] && shift  # drop "--"
 TRAIN_ARGS=("$@")
 
-PYTHON=${PYTHON:-python3}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z "${PYTHON:-}" ]]; then
+    # The venv `make demo` / `make install` built: torch is there, not in the system python3.
+    if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null; then
+    echo "cluster/local.sh: '$PYTHON' cannot import torch; run 'make install' (creates $REPO/.venv)" \
+         "or set PYTHON to an interpreter with partialfc installed" >&2
+    exit 2
+fi
 
 count_gpus() {
     if command -v nvidia-smi >/dev/null 2>&1; then

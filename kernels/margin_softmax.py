@@ -503,20 +503,28 @@ class _TritonMarginSoftmax(torch.autograd.Function):
         return grad_embeddings, grad_weight, None, None, None, None, None
 
 
+def validate_triton_path_inputs(path: str, function: str, embeddings, weight, class_index, target_position,
+                                num_subcenters, margin) -> None:
+    """The checks every Triton-backed path makes before any work: triton importable, the
+    common argument checks, no float64, CUDA tensors (or the interpreter, for tests)."""
+    if not triton_available():
+        raise RuntimeError(f"{function} needs the 'triton' package (pip install 'triton>=3.0')")
+    validate_margin_softmax_inputs(embeddings, weight, class_index, target_position, num_subcenters, margin)
+    if embeddings.dtype == torch.float64 or weight.dtype == torch.float64:
+        raise TypeError(f"the {path} path takes float32/float16/bfloat16 inputs, not float64")
+    if embeddings.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"the {path} path needs CUDA tensors (got {embeddings.device}); set TRITON_INTERPRET=1 "
+            "to run it on CPU for testing, or use impl='torch'"
+        )
+
+
 def margin_softmax_stats_triton(
     embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size=None
 ):
     """Fused Triton ``(lse, target_logit)``; ``chunk_size``: classes per tile (a power of 2 >= 16)."""
-    if triton is None:
-        raise RuntimeError("margin_softmax_stats_triton needs the 'triton' package (pip install 'triton>=3.0')")
-    validate_margin_softmax_inputs(embeddings, weight, class_index, target_position, num_subcenters, margin)
-    if embeddings.dtype == torch.float64 or weight.dtype == torch.float64:
-        raise TypeError("the Triton path takes float32/float16/bfloat16 inputs, not float64")
-    if embeddings.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"the Triton path needs CUDA tensors (got {embeddings.device}); set TRITON_INTERPRET=1 "
-            "to run it on CPU for testing, or use impl='torch'"
-        )
+    validate_triton_path_inputs("Triton", "margin_softmax_stats_triton", embeddings, weight, class_index,
+                                target_position, num_subcenters, margin)
     return _TritonMarginSoftmax.apply(
         embeddings, weight, class_index, target_position, num_subcenters, margin, chunk_size
     )

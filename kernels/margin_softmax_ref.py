@@ -20,11 +20,16 @@ Both compute, for the kept classes of one rank (DESIGN.md sections 1-3),
 * ``margin_softmax_stats_naive`` materializes everything with plain autograd. It is the
   baseline for benchmarks and the reference for tests.
 
-Arithmetic is float32 (float64 when the inputs are float64, for reference checks); the
+Arithmetic is float32 (float64 when the inputs are float64, for reference checks); on
+CUDA the chunked path's GEMMs take bf16/fp16 embeddings as they are (tensor cores, fp32
+accumulation, fp32 results where torch.mm can write them), with W's tile cast to match.
+On CPU the operands are upcast to fp32, which CPU BLAS runs faster than half. The
 embedding gradient comes back in the embeddings' dtype and the weight gradient is a
 coalesced sparse COO tensor over the kept rows only, like ``F.embedding(sparse=True)``.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,8 @@ __all__ = [
     "NORM_EPS",
     "DEFAULT_TILE_ROWS",
     "tile_classes",
+    "fp32_output_gemm",
+    "mm_fp32_output",
 ]
 
 # Same floor as F.normalize: rows with a smaller norm are divided by NORM_EPS instead.
@@ -140,6 +147,53 @@ def _compute_dtype(embeddings, weight):
     return torch.float32
 
 
+def _gemm_dtype(embeddings, compute_dtype):
+    """Operand dtype of the chunked path's GEMMs: half embeddings stay half on CUDA only."""
+    if embeddings.is_cuda and compute_dtype == torch.float32 and embeddings.dtype in (torch.float16, torch.bfloat16):
+        return embeddings.dtype
+    return compute_dtype
+
+
+_FP32_OUTPUT = {}
+
+
+def fp32_output_gemm(dtype, device) -> bool:
+    """Whether ``torch.mm`` can write an fp32 result from ``dtype`` operands on ``device``.
+
+    CUDA: ``torch.mm(..., out_dtype=torch.float32)`` (torch >= 2.8), probed once per
+    (device, dtype) with a 1 x 1 product; without it, half GEMMs round their results and
+    a warning says so once. CPU: always (``mm_fp32_output`` upcasts the operands).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or dtype == torch.float32:
+        return True
+    key = (str(device), dtype)
+    if key not in _FP32_OUTPUT:
+        probe = torch.zeros(1, 1, dtype=dtype, device=device)
+        try:
+            _FP32_OUTPUT[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUTPUT[key] = False
+        if not _FP32_OUTPUT[key]:
+            warnings.warn(f"torch {torch.__version__} has no torch.mm(out_dtype=) for {dtype} on {device}: "
+                          f"{dtype} GEMM results are rounded to {dtype} before the fp32 math", RuntimeWarning,
+                          stacklevel=2)
+    return _FP32_OUTPUT[key]
+
+
+def mm_fp32_output(a, b):
+    """``a @ b`` of same-dtype operands with an fp32 result accumulated in fp32.
+
+    CPU: the operands are upcast, which is exact for half values, so this computes what the
+    CUDA GEMM with fp32 output does (and is what the interpreter tests compare against).
+    """
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return torch.mm(a.float(), b.float())
+    if fp32_output_gemm(a.dtype, a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
 def tile_classes(num_subcenters: int, chunk_size=None) -> int:
     """Classes per tile of the chunked path.
 
@@ -186,10 +240,10 @@ class _Tiles:
     and every tile's GEMM writes into memory that is already resident.
     """
 
-    def __init__(self, weight, class_index, target_position, num_subcenters, tile, dtype):
+    def __init__(self, weight, class_index, target_position, num_subcenters, tile, dtype, gemm_dtype):
         self.weight = weight.detach()
         self.class_index, self.target_position = class_index, target_position
-        self.num_subcenters, self.tile, self.dtype = num_subcenters, tile, dtype
+        self.num_subcenters, self.tile, self.dtype, self.gemm_dtype = num_subcenters, tile, dtype, gemm_dtype
         self.first_class = _contiguous_first_class(class_index)
         self._scratch = {}
 
@@ -207,6 +261,10 @@ class _Tiles:
             rows = self.weight.index_select(0, kept_rows(self.class_index[start:stop], k_sub))
         return rows if rows.dtype == self.dtype else rows.to(self.dtype)
 
+    def gemm_rows(self, centers):
+        """The tile's center rows as GEMM operand (a cast only on the CUDA half path)."""
+        return centers if self.gemm_dtype == self.dtype else centers.to(self.gemm_dtype)
+
     def targets(self, start, stop):
         """(owned, column): rows whose target is in this tile, and its column (clamped into range)."""
         local = self.target_position - start
@@ -221,7 +279,7 @@ class _Tiles:
         return buffer[:numel].view(rows, cols)
 
 
-def _tile_cosines(tiles, x, centers, inv_norm, with_argmax):
+def _tile_cosines(tiles, x, gemm_centers, inv_norm, with_argmax):
     """Best-sub-center cosines of a tile, as ``pooled * column_scale`` (B x classes).
 
     The GEMM runs on the raw rows (``cos = (x . w) * inv_norm``): no normalized copy of W.
@@ -230,8 +288,11 @@ def _tile_cosines(tiles, x, centers, inv_norm, with_argmax):
     cosines, so the dots are scaled in place and ``column_scale`` is None. Also returns
     the (B x rows) dots buffer itself and, if asked, the argmax sub-center (K > 1).
     """
-    batch, num_rows = x.shape[0], centers.shape[0]
-    dots = torch.mm(x, centers.T, out=tiles.scratch("dots", batch, num_rows))
+    batch, num_rows = x.shape[0], gemm_centers.shape[0]
+    if tiles.gemm_dtype == tiles.dtype:
+        dots = torch.mm(x, gemm_centers.T, out=tiles.scratch("dots", batch, num_rows))
+    else:
+        dots = mm_fp32_output(x, gemm_centers.T)
     if tiles.num_subcenters == 1:
         return dots, inv_norm, dots, None
     cos = dots.mul_(inv_norm).view(batch, num_rows // tiles.num_subcenters, tiles.num_subcenters)
@@ -252,9 +313,10 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, class_index, target_position, num_subcenters, margin, tile):
         compute_dtype = _compute_dtype(embeddings, weight)
-        x = embeddings.detach().to(compute_dtype)
+        gemm_dtype = _gemm_dtype(embeddings, compute_dtype)
+        x = embeddings.detach().to(gemm_dtype)
         batch = x.shape[0]
-        tiles = _Tiles(weight, class_index, target_position, num_subcenters, tile, compute_dtype)
+        tiles = _Tiles(weight, class_index, target_position, num_subcenters, tile, compute_dtype, gemm_dtype)
         # 1/||w|| of every kept row: k*K floats, saved so backward does not re-read W for it.
         inv_norm = torch.empty(class_index.shape[0] * num_subcenters, dtype=compute_dtype, device=x.device)
         running_max = torch.full((batch,), float("-inf"), dtype=compute_dtype, device=x.device)
@@ -264,7 +326,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             centers = tiles.centers(start, stop)
             inv = inv_norm[start * num_subcenters:stop * num_subcenters]
             torch.linalg.vector_norm(centers, dim=1, out=inv).clamp_min_(NORM_EPS).reciprocal_()
-            pooled, column_scale, _, _ = _tile_cosines(tiles, x, centers, inv, with_argmax=False)
+            pooled, column_scale, _, _ = _tile_cosines(tiles, x, tiles.gemm_rows(centers), inv, with_argmax=False)
             owned, column = tiles.targets(start, stop)
             tile_target = margin.target_logit(_gather_cos(pooled, column_scale, column))
             # pooled is scratch (K = 1) or fresh (K > 1): scale it in place into logits.
@@ -289,22 +351,25 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         embeddings, weight, class_index, target_position, lse, inv_norm = ctx.saved_tensors
         num_subcenters, margin, scale = ctx.num_subcenters, ctx.margin, ctx.margin.scale
         compute_dtype = lse.dtype
-        x = embeddings.detach().to(compute_dtype)
+        gemm_dtype = _gemm_dtype(embeddings, compute_dtype)
+        x = embeddings.detach().to(gemm_dtype)
         batch, num_kept = x.shape[0], class_index.shape[0]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(compute_dtype)
         grad_target = torch.zeros_like(lse) if grad_target is None else grad_target.to(compute_dtype)
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.zeros_like(x) if want_x else None
+        grad_x = torch.zeros(x.shape, dtype=compute_dtype, device=x.device) if want_x else None
         grad_values = (
             torch.empty(num_kept * num_subcenters, x.shape[1], dtype=weight.dtype, device=x.device)
             if want_w else None
         )
-        tiles = _Tiles(weight, class_index, target_position, num_subcenters, ctx.tile, compute_dtype)
+        tiles = _Tiles(weight, class_index, target_position, num_subcenters, ctx.tile, compute_dtype, gemm_dtype)
+        same_dtype = gemm_dtype == compute_dtype
         neg_lse, grad_lse_scaled = -lse[:, None], (grad_lse * scale)[:, None]
         for start, stop in tiles:
             row_start, row_stop = start * num_subcenters, stop * num_subcenters
             centers, inv = tiles.centers(start, stop), inv_norm[row_start:row_stop]
-            pooled, column_scale, dots, best_sub = _tile_cosines(tiles, x, centers, inv, with_argmax=True)
+            gemm_centers = tiles.gemm_rows(centers)
+            pooled, column_scale, dots, best_sub = _tile_cosines(tiles, x, gemm_centers, inv, with_argmax=True)
             owned, column = tiles.targets(start, stop)
             tile_target, slope = _target_logit_and_slope(margin, _gather_cos(pooled, column_scale, column))
             # softmax = exp(logit - lse), with "logit - lse" formed in one pass over the tile.
@@ -335,13 +400,21 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
                     radial.mul_(inv)  # K = 1: dots were raw, cos = dots * inv
                 radial_coef = torch.where(inv < 1.0 / NORM_EPS, radial * inv * inv, 0.0)
             grad_dots = grad_cos.mul_(inv)  # d loss / d (x . w)
+            if not same_dtype:  # CUDA half GEMMs: d loss / d dot rounded like any half backward
+                grad_dots = grad_dots.to(gemm_dtype)
             if want_x:
-                grad_x.addmm_(grad_dots, centers)
+                if same_dtype:
+                    grad_x.addmm_(grad_dots, centers)
+                else:
+                    grad_x += mm_fp32_output(grad_dots, gemm_centers)
             if want_w:
                 # Written straight into the gradient rows unless they are stored in a lower precision.
-                direct = grad_values.dtype == compute_dtype
+                direct = same_dtype and grad_values.dtype == compute_dtype
                 destination = grad_values[row_start:row_stop] if direct else None
-                rows_grad = torch.mm(grad_dots.T, x, out=destination)
+                if same_dtype:
+                    rows_grad = torch.mm(grad_dots.T, x, out=destination)
+                else:
+                    rows_grad = mm_fp32_output(grad_dots.T, x)
                 rows_grad.addcmul_(centers, radial_coef[:, None], value=-1.0)
                 if not direct:
                     grad_values[row_start:row_stop] = rows_grad

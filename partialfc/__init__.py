@@ -4,11 +4,11 @@ Importing the package does no work: no process group, no device query, and not e
 torch until the head is asked for (the data tools start fast).
 """
 __version__ = "0.1.0"
-__all__ = ["CombinedMargin", "PartialFC", "__version__"]
+__all__ = ["AngularTripletLoss", "CombinedMargin", "PartialFC", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("CombinedMargin", "PartialFC"):
+    if name in ("AngularTripletLoss", "CombinedMargin", "PartialFC"):
         from partialfc import head
 
         return getattr(head, name)

@@ -13,7 +13,11 @@ and the next reader fails on it or, worse, half-reads it. So every write here
   (a checkpoint's ``latest`` pointer must not step back to a pruned directory);
 * removes the temp file on any error, KeyboardInterrupt included, and leaves the old
   file untouched. Only a SIGKILL can leave a temp file behind: a hidden ``.tmp-*``
-  name that no reader looks for.
+  name that no reader looks for;
+* reports a full disk (or quota, or file-size limit) as ``DiskFullError`` naming the file
+  being written. ``torch.save(obj, "path")`` writes through a C++ stream that turns
+  ENOSPC into ``basic_ios::clear: iostream error``, so torch writes here go through a
+  Python file object whose OSError is kept and re-raised.
 
 The temp file is created with the usual umask permissions (not ``mkstemp``'s 0600), so
 the result has the permissions a plain ``open`` would have given it.
@@ -26,6 +30,20 @@ import os
 from typing import Iterator
 
 TEMP_PREFIX = ".tmp-"
+# errno values that mean "the bytes did not fit": no space, quota, RLIMIT_FSIZE.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFullError(OSError):
+    """A write that did not fit on the device; the message names the file and keeps the
+    OS error text. An OSError (errno kept), so ``except OSError`` still catches it."""
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        super().__init__(cause.errno, f"no space left on device writing {path} ({reason})")
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @contextlib.contextmanager
@@ -41,12 +59,19 @@ def atomic_output_path(target: str | os.PathLike) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise ValueError(f"cannot write {target}: output folder does not exist: {directory}")
-    temp_path = _reserve_temp_path(directory, os.path.basename(target))
+    try:
+        temp_path = _reserve_temp_path(directory, os.path.basename(target))
+    except OSError as error:
+        _raise_if_disk_full(error, target)
+        raise
     try:
         yield temp_path
-        _fsync(temp_path)
+        _fsync(temp_path)  # delayed allocation (ext4, NFS) reports a full disk here or at close
         os.replace(temp_path, target)
         _fsync_directory(directory)
+    except OSError as error:
+        _raise_if_disk_full(error, target)
+        raise
     finally:
         if os.path.exists(temp_path):
             os.unlink(temp_path)
@@ -59,11 +84,47 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically."""
+    """``torch.save(obj, path)`` atomically; a full disk is a ``DiskFullError``."""
     import torch  # deferred: the data and eval tools use this module without torch
 
-    with atomic_output_path(path) as temp_path:
-        torch.save(obj, temp_path)
+    with atomic_output_path(path) as temp_path, open(temp_path, "wb") as handle:
+        writer = _ErrorKeepingWriter(handle)
+        try:
+            torch.save(obj, writer)
+        except Exception:
+            writer.raise_kept_error()
+            raise
+        writer.raise_kept_error()  # in case torch swallowed it and wrote on
+
+
+class _ErrorKeepingWriter:
+    """The file object handed to ``torch.save``. Torch's serializer catches an exception
+    raised by ``write`` and fails later with an unrelated message ("unexpected pos"), so
+    the first OSError is kept here to be re-raised as what went wrong."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            if self.error is None:
+                self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def raise_kept_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _raise_if_disk_full(error: OSError, target: str) -> None:
+    if error.errno in DISK_FULL_ERRNOS and not isinstance(error, DiskFullError):
+        raise DiskFullError(target, error) from error
 
 
 def _reserve_temp_path(directory: str, name: str) -> str:

@@ -11,10 +11,17 @@ Layout of ``OUTPUT/checkpoints/``::
         rng_rank00000.pt         one per rank: torch (and CUDA) RNG and the head's sampling stream
     latest                       text: name of the newest complete step directory
 
-Every rank writes its files into ``step_XXXXXXXX.tmp/``; after a barrier rank 0 writes
-the manifest, renames the directory into place and only then updates ``latest``. A
-run killed at any point leaves either a complete checkpoint or a ``.tmp`` directory
-that loading ignores. Loading uses ``torch.load(weights_only=True)`` only.
+Every rank writes its files into ``step_XXXXXXXX.tmp/``; once every rank reports success
+rank 0 writes the manifest, renames the directory into place and only then updates
+``latest``. A run killed at any point leaves either a complete checkpoint or a ``.tmp``
+directory that loading ignores. A write that fails on any rank (a full disk) fails the
+save on every rank alike -- no rank is left waiting in a barrier -- and leaves the
+previous checkpoints and ``latest`` as they were. A complete step directory is never
+removed to be rewritten. Loading uses ``torch.load(weights_only=True)`` only.
+
+A checkpoint is complete when its ``manifest.json`` parses, has this format and every
+file it implies exists; ``latest`` is only a hint, and ``newest_complete`` falls back to
+the newest complete step directory when ``latest`` is missing or names an incomplete one.
 
 Head rows are stored with their global class range, so a checkpoint written by W ranks
 loads onto W' ranks: each new shard copies its rows from whichever old shards overlap.
@@ -34,14 +41,13 @@ from typing import Optional
 import torch
 
 from partialfc.atomic_io import atomic_torch_save, atomic_write_text
+from partialfc.checkpoint_dirs import (  # noqa: F401  (re-exported: the public checkpoint API)
+    FORMAT, CheckpointError, checkpoint_problem, find_latest, newest_complete, resolve_checkpoint, step_dir_name,
+    step_dirs, step_of,
+)
 from partialfc.distributed import collectives
 
-FORMAT = "partialfc-checkpoint/2"  # /2: engine state in torch format, any engine
 HEAD_FORMAT = "partialfc-head-shard/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, or from another model."""
 
 
 def _load(path: Path):
@@ -51,35 +57,6 @@ def _load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or not a weights-only file
         raise CheckpointError(f"cannot read checkpoint file {str(path)!r}: {exc}") from None
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A step directory from a step directory, a checkpoints root or a run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
-    if (path / "manifest.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        latest = root / "latest"
-        if latest.is_file():
-            step = root / latest.read_text().strip()
-            if (step / "manifest.json").is_file():
-                return step
-            raise CheckpointError(f"{latest} names {step.name!r}, which has no manifest.json")
-    raise CheckpointError(f"no checkpoint at {str(path)!r} (no manifest.json and no 'latest' file)")
-
-
-def find_latest(output: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint of a run directory, or None."""
-    try:
-        return resolve_checkpoint(Path(output) / "checkpoints")
-    except CheckpointError:
-        return None
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -125,31 +102,45 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
     and ``state_dict()`` (collective under DeepSpeed, so gathered on every rank before
     this call); only rank 0 writes them. ``engine_state=None`` writes a checkpoint that
     evaluates and exports but cannot resume training.
+
+    A step that already has a complete directory is not written again (the directory is
+    returned). Any rank's failure (a full disk) raises CheckpointError on every rank,
+    after removing the ``.tmp`` directory; ``latest`` and older checkpoints stay as they were.
     """
     from partialfc.models import save_backbone
 
     group = head.process_group
     rank, world = collectives.rank(group), collectives.world_size(group)
+    device = head.weight.device
     root = Path(output) / "checkpoints"
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
-        tmp.mkdir(parents=True)
-    _barrier(group)
-    atomic_torch_save(_head_state(head, head_optimizer), tmp / f"head_rank{rank:05d}.pt")
-    atomic_torch_save(_rng_state(head), tmp / f"rng_rank{rank:05d}.pt")
-    if rank == 0:
-        save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone_state)
-        trainer_state = {
-            "engine": engine_state,
-            "head_optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
-                                      for g in head_optimizer.param_groups],
-            "head_scheduler": head_scheduler.state_dict() if head_scheduler is not None else None,
-        }
-        atomic_torch_save(trainer_state, tmp / "backbone_optimizer.pt")
-    _barrier(group)
-    if rank == 0:
+    # Rewriting a saved step would first remove the directory `latest` may name; rank 0
+    # decides for everyone, so all ranks take the same path through the collectives.
+    if gather_ints(rank == 0 and checkpoint_problem(final) is None, group, device)[0]:
+        return final
+
+    def prepare() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
+            tmp.mkdir(parents=True)
+
+    def write_own_files() -> None:
+        atomic_torch_save(_head_state(head, head_optimizer), tmp / f"head_rank{rank:05d}.pt")
+        atomic_torch_save(_rng_state(head), tmp / f"rng_rank{rank:05d}.pt")
+        if rank == 0:
+            save_backbone(tmp / "backbone.pt", backbone_name, backbone_kwargs, backbone_state)
+            trainer_state = {
+                "engine": engine_state,
+                "head_optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
+                                          for g in head_optimizer.param_groups],
+                "head_scheduler": head_scheduler.state_dict() if head_scheduler is not None else None,
+            }
+            atomic_torch_save(trainer_state, tmp / "backbone_optimizer.pt")
+
+    def publish() -> None:
+        if rank != 0:
+            return
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -166,13 +157,61 @@ def save_checkpoint(output: str | os.PathLike, *, step: int, position: dict, con
             "config": config_dict,
         }
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
-        if final.exists():
+        if final.exists():  # incomplete (a complete one returned above), so not a checkpoint to keep
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(root / "latest", final.name + "\n")
-        _prune(root, keep_last)
-    _barrier(group)
+        try:
+            atomic_write_text(root / "latest", final.name + "\n")
+        except BaseException:
+            if _latest_name(root) != final.name:  # put it back: `latest` still names the previous one
+                os.replace(final, tmp)
+            raise
+
+    # Each phase ends in one all-gather of "did this rank fail" (in place of a barrier),
+    # so a rank that fails never leaves the others waiting for it.
+    for phase in (prepare, write_own_files, publish):
+        error = None
+        try:
+            phase()
+        except Exception as exc:  # reported to every rank first, raised below
+            error = exc
+        failed = [r for r, flag in enumerate(gather_ints(error is not None, group, device)) if flag]
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None and not isinstance(error, (OSError, ValueError)):
+                raise error  # a bug, not the file system: keep its traceback
+            raise _save_failure(root, step, failed, error) from error
+    if rank == 0:
+        _prune(root, keep_last, keep=final)
     return final
+
+
+def _save_failure(root: Path, step: int, failed: list, error: Optional[Exception]) -> CheckpointError:
+    """One line: this rank's own error, or which ranks failed; and what is kept."""
+    if error is not None:
+        what = str(error)
+    elif len(failed) == 1:
+        what = f"rank {failed[0]} could not write its checkpoint files"
+    else:
+        what = f"ranks {', '.join(map(str, failed))} could not write their checkpoint files"
+    previous = _latest_name(root)
+    kept = f"{root / 'latest'} still names {previous}" if previous else "no earlier checkpoint was touched"
+    return CheckpointError(f"checkpoint of step {step} not written: {what}; {kept}")
+
+
+def _latest_name(root: Path) -> Optional[str]:
+    try:
+        return (root / "latest").read_text(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def gather_ints(value: int, group, device) -> list[int]:
+    """Every rank's ``value``, in rank order (an all-gather; ``[value]`` without a group).
+    How ranks agree on a decision or learn which rank failed, without a barrier to hang in."""
+    gathered = collectives.all_gather_no_grad(torch.tensor([int(value)], dtype=torch.int64, device=device), group)
+    return gathered.tolist()  # host sync: start-up and checkpointing, not the step
 
 
 def _shard_range(num_classes: int, world: int, rank: int) -> dict:
@@ -182,17 +221,14 @@ def _shard_range(num_classes: int, world: int, rank: int) -> dict:
     return {"class_start": shard.class_start, "num_local": shard.num_local}
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Remove all but the newest ``keep_last`` step directories; never ``keep`` (the one
+    just written, which ``latest`` names)."""
     if keep_last <= 0:
         return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _barrier(group) -> None:
-    if collectives.is_distributed(group):
-        torch.distributed.barrier(group=group)
+    for old in step_dirs(root)[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -45,12 +45,11 @@ def _check_options(threshold_deg: float, min_samples: int, batch_size: int, work
 
 def open_inputs(checkpoint: str, data: str, out_prefix: str):
     """(manifest, dataset) after every check that can fail before work starts."""
-    from partialfc.checkpoint import read_manifest, resolve_checkpoint
     from partialfc.cleaning.write import check_output_location
+    from partialfc.models.inference import read_head_header
     from partialfc.data.recordio_source import RecordDataset
 
-    step_dir = resolve_checkpoint(checkpoint)
-    manifest = read_manifest(step_dir)
+    step_dir, manifest = read_head_header(checkpoint)  # a step/run directory or a consolidated file
     if manifest["num_subcenters"] < 2:
         raise ValueError(f"{step_dir}: cleaning needs sub-centers (K >= 2), but this checkpoint has "
                          f"num_subcenters = {manifest['num_subcenters']}; train with "
@@ -63,11 +62,29 @@ def open_inputs(checkpoint: str, data: str, out_prefix: str):
                              f"{manifest['num_classes']}: not the set the model was trained on")
         if dataset.num_images == 0:
             raise ValueError(f"{dataset.rec_path}: no image records to clean")
+        check_framing(dataset, data)
         check_output_location(out_prefix, os.path.dirname(os.path.abspath(dataset.rec_path)))
     except BaseException:
         dataset.close()
         raise
     return step_dir, manifest, dataset
+
+
+def check_framing(dataset, data: str) -> None:
+    """Refuse a set with unreadable record headers (a truncated ``.rec``) before hours of
+    embedding: every image is embedded, so one such record would stop the job late."""
+    from partialfc.data.recordio import CorruptRecordError, broken_framing
+
+    positions = dataset.image_positions()
+    offsets = np.asarray(dataset.reader.offsets, np.int64)[positions]
+    broken = broken_framing(dataset.rec_path, offsets)
+    if broken.any():
+        first = int(np.argmax(broken))
+        key = int(dataset.reader.keys[positions[first]])
+        raise CorruptRecordError(
+            f"{dataset.rec_path}: record {key} at byte {int(offsets[first])}: bad framing "
+            f"(truncated or overwritten; {int(broken.sum())} such records): cleaning reads every "
+            f"image; `python -m partialfc.data.inspect {data}` lists them")
 
 
 def _image_size(dataset) -> tuple:
@@ -87,13 +104,13 @@ def run_clean(checkpoint: str, data: str, out_prefix: str, *, threshold_deg: flo
     otherwise compute the embeddings and save them there.
     """
 
-    from partialfc.checkpoint import load_centers
     from partialfc.cleaning.embed import embed_dataset, load_embeddings, save_embeddings
     from partialfc.cleaning.select import select_clean
     from partialfc.cleaning.write import build_report, write_outputs
     from partialfc.distributed import collectives
     from partialfc.distributed.runtime import init_runtime
     from partialfc.models import load_backbone
+    from partialfc.models.inference import load_class_centers
 
     _check_options(threshold_deg, min_samples, batch_size, workers)
     step_dir, manifest, dataset = open_inputs(checkpoint, data, out_prefix)
@@ -125,7 +142,7 @@ def run_clean(checkpoint: str, data: str, out_prefix: str, *, threshold_deg: flo
             if embeddings_path is not None:
                 save_embeddings(embeddings_path, embeddings, keys)
 
-        centers = load_centers(step_dir).numpy()
+        centers = load_class_centers(step_dir).numpy()
         selection = select_clean(embeddings, labels, centers, threshold_deg, min_samples)
         report = build_report(selection, labels, threshold_deg=threshold_deg, min_samples=min_samples,
                               num_classes=manifest["num_classes"], extra={
@@ -151,7 +168,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="checkpoint step directory, checkpoints root or run output with 'latest'")
     parser.add_argument("--data", required=True, metavar="PREFIX", help="input set: PREFIX.rec/.idx")
     parser.add_argument("--out", required=True, metavar="OUT_PREFIX",
-                        help="output prefix, in a directory other than the input's")
+                        help="output prefix, in a directory other than the input's (created if missing)")
     parser.add_argument("--threshold-deg", type=float, default=DEFAULT_THRESHOLD_DEG,
                         help="drop images further than this from the dominant sub-center (default 75)")
     parser.add_argument("--min-samples", type=int, default=1,
@@ -176,11 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     owns_group = not (dist.is_available() and dist.is_initialized())
+    finished = False
     try:
         report = run_clean(args.checkpoint, args.data, args.out, threshold_deg=args.threshold_deg,
                            min_samples=args.min_samples, embeddings_path=args.embeddings,
                            dry_run=args.dry_run, batch_size=args.batch_size, workers=args.workers,
                            flip=args.flip, device=args.device, show_progress=not args.quiet)
+        finished = True
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"clean: error: {error}", file=sys.stderr)
         return 2
@@ -189,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     finally:
         if owns_group:
-            shutdown_runtime()
+            shutdown_runtime(synchronize=finished)
     if report is not None:
         dropped = report["dropped_images"]
         print(f"clean: kept {report['images_after']} of {report['images_before']} images and "

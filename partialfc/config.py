@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 import typing
@@ -47,13 +48,25 @@ class HeadConfig:
     num_subcenters: int = 1
     """K sub-centers per identity; K = 3 for the cleaning workflow."""
     impl: str = "auto"
-    """Margin-softmax implementation: auto (triton on CUDA, chunked torch on CPU), triton, torch, naive."""
+    """Margin-softmax implementation: auto (by the measured table partialfc.kernels.AUTO_TABLE: gemm on CUDA
+    with bf16/fp16 embeddings, chunked torch on CPU), gemm, triton, torch, naive."""
     chunk_size: Optional[int] = None
-    """Classes per tile of the chunked paths (None: the kernel's default)."""
+    """Classes per tile of the chunked paths (None, best left so: each impl's own -- torch 8192 center rows,
+    gemm the classes whose B x chunk buffers fit 256 MiB, triton autotuned; triton needs a power of 2 >= 16)."""
     lr_scale: float = 1.0
     """Head learning rate as a multiple of the backbone's."""
-    compute_dtype: str = "fp32"
-    """Embeddings fed to the margin softmax: fp32, or bf16 / fp16 (half the gather, tensor cores on CUDA)."""
+    compute_dtype: str = "auto"
+    """Embeddings fed to the margin softmax: fp32, or bf16 / fp16 (half the gather, tensor cores on CUDA);
+    auto = train.amp's dtype on CUDA when amp is on, else fp32 (always fp32 on CPU)."""
+    intra_weight: float = 0.0
+    """Intra-loss (ArcFace paper): adds weight * mean theta_y / pi, the angle to the matched target center (0: off)."""
+    inter_weight: float = 0.0
+    """Inter-loss (ArcFace paper): subtracts weight * the mean angle / pi from each target center to the other kept
+    centers (r < 1: a sample of them; 0: off)."""
+    triplet_weight: float = 0.0
+    """Batch-hard triplet hinge on angles over the global batch, added with this weight (0: off)."""
+    triplet_margin: float = 0.35
+    """Triplet margin in radians: acos(x, x_pos) + margin <= acos(x, x_neg)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,9 @@ class TrainConfig:
     epochs: int = 20
     """Epochs to train."""
     max_steps: int = 0
-    """Stop after this many steps (0: run all epochs); the schedule still spans all epochs."""
+    """Stop when the step counter reaches this (0: run all epochs); the lr schedule still spans all epochs.
+    The counter counts optimizer steps whatever their global batch: a run resumed on another world size keeps
+    counting, while its epoch position and lr schedule are re-expressed in steps of the new global batch."""
     amp: str = "none"
     """Autocast of the backbone body: none, fp16 (with a grad scaler) or bf16."""
     seed: int = 0
@@ -125,11 +140,17 @@ class TrainConfig:
     keep_last: int = 3
     """Checkpoints kept on disk."""
     resume: str = ""
-    """'' (fresh), 'auto' (latest in output, if any) or a checkpoint directory."""
+    """'' (fresh; refused if output already holds a run), 'auto' (the newest complete checkpoint in output;
+    fresh if there is none), 'never' (fresh; the old run's files are moved to output/superseded_<time>/) or a
+    checkpoint directory."""
     device: str = "auto"
     """auto (cuda if available), cuda or cpu."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on cuda, gloo on cpu), nccl or gloo."""
+    collective_timeout: float = 0.0
+    """Minutes a collective may wait for a peer before the job is ended with a line naming the rank that
+    stopped answering; 0 = default: 10 on CUDA, 5 on CPU. Must exceed rank 0's longest solo work (evaluation,
+    checkpoint write); start-up (rendezvous to the first step) gets at least 10 min."""
     engine: str = "ddp"
     """Backbone engine: ddp, or deepspeed (ZeRO stage ``zero_stage``; the head stays outside)."""
     accumulate: int = 1
@@ -138,6 +159,14 @@ class TrainConfig:
     """DeepSpeed only: ZeRO stage 1 or 2 for the backbone."""
     deepspeed_config: str = ""
     """DeepSpeed only: a JSON file merged into the generated config ('' for none)."""
+    channels_last: str = "auto"
+    """Backbone weights and input batches in channels_last (NHWC) memory: auto (on for CUDA, off on CPU), on, off."""
+    compile: str = "none"
+    """torch.compile: none, or backbone (the backbone's forward and backward; the head stays eager)."""
+    poll_every: int = 10
+    """Steps between the checks that wait for the device: the stop-signal poll (one all-reduce; a SIGTERM or
+    SIGUSR1 is acted on at the next poll, then every rank checkpoints and exits) and the label-range check of
+    batches made on the device. The last step and every checkpoint step are always checked."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +206,8 @@ class Config:
 
 CHOICES = {
     ("head", "margin"): ("arcface", "cosface", "sphereface", "combined"),
-    ("head", "impl"): ("auto", "triton", "torch", "naive"),
-    ("head", "compute_dtype"): ("fp32", "bf16", "fp16"),
+    ("head", "impl"): ("auto", "gemm", "triton", "torch", "naive"),
+    ("head", "compute_dtype"): ("auto", "fp32", "bf16", "fp16"),
     ("data", "format"): ("synthetic", "image_folder", "recordio"),
     ("data", "loader"): ("dali", "torch"),
     ("optim", "name"): ("sgd", "adamw"),
@@ -189,6 +218,73 @@ CHOICES = {
     ("train", "engine"): ("ddp", "deepspeed"),
     ("train", "progress"): ("auto", "on", "off"),
     ("train", "zero_stage"): (1, 2),
+    ("train", "channels_last"): ("auto", "on", "off"),
+    ("train", "compile"): ("none", "backbone"),
+}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range a number must lie in; ``None`` leaves that side open-ended."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False   # low < value instead of low <= value
+    high_open: bool = False  # value < high instead of value <= high
+
+    def admits(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"{'<' if self.high_open else '<='} {self.high}"
+
+
+# Numbers that would crash later (a division or modulo by zero) or be silently ignored.
+# Checked when a value is given (file or --set); the defaults lie inside.
+BOUNDS = {
+    ("model", "embedding_size"): Bound(1),
+    ("model", "dropout"): Bound(0, 1, high_open=True),
+    ("head", "scale"): Bound(0, low_open=True),
+    ("head", "sample_rate"): Bound(0, 1, low_open=True),
+    ("head", "num_subcenters"): Bound(1),
+    ("head", "chunk_size"): Bound(1),
+    ("head", "lr_scale"): Bound(0, low_open=True),
+    ("head", "intra_weight"): Bound(0),
+    ("head", "inter_weight"): Bound(0),
+    ("head", "triplet_weight"): Bound(0),
+    ("head", "triplet_margin"): Bound(0, math.pi, high_open=True),
+    ("data", "num_classes"): Bound(0),
+    ("data", "batch_size"): Bound(1),
+    ("data", "num_workers"): Bound(0),
+    ("data", "num_samples"): Bound(0),
+    ("data", "noise"): Bound(0),
+    ("optim", "lr"): Bound(0),
+    ("optim", "lr_reference_batch"): Bound(1),
+    ("optim", "momentum"): Bound(0, 1, high_open=True),
+    ("optim", "weight_decay"): Bound(0),
+    ("optim", "eps"): Bound(0, low_open=True),
+    ("optim", "poly_power"): Bound(0),
+    ("optim", "warmup_epochs"): Bound(0),
+    ("optim", "clip_grad_norm"): Bound(0),
+    ("train", "epochs"): Bound(1),
+    ("train", "max_steps"): Bound(0),
+    ("train", "seed"): Bound(0),
+    ("train", "log_every"): Bound(1),
+    ("train", "checkpoint_every"): Bound(0),
+    ("train", "keep_last"): Bound(0),
+    ("train", "accumulate"): Bound(1),
+    ("train", "collective_timeout"): Bound(0),
+    ("train", "poll_every"): Bound(1),
+    ("eval", "every"): Bound(0),
+    ("eval", "batch_size"): Bound(1),
+    ("metrics", "port_base"): Bound(0, 65535),
 }
 
 
@@ -239,6 +335,9 @@ def _build(cls, data: dict, where: str):
         choices = CHOICES.get((where, key))
         if choices is not None and value not in choices:
             raise ConfigError(f"{path} = {value!r} is not one of {choices}")
+        bound = BOUNDS.get((where, key))
+        if bound is not None and value is not None and not bound.admits(value):
+            raise ConfigError(f"{path} = {value!r} must be {bound}")
         values[key] = value
     return cls(**values)
 

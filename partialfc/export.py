@@ -10,6 +10,10 @@ against the torch model so a bad export fails here, not in production.
 CLI::
 
     python -m partialfc.export CHECKPOINT --onnx OUT.onnx [--opset 17] [--no-verify]
+
+CHECKPOINT is anything ``partialfc.models.inference.load_model`` takes (run directory,
+checkpoints root, step directory, ``backbone.pt``, consolidated file); a bad one is one
+line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -111,22 +115,39 @@ def verify_onnx(model: nn.Module, onnx_path: str | os.PathLike, batch_size: int 
     return float(np.max(np.abs(onnx_embeddings - torch_embeddings))) / scale
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m partialfc.export",
         description="Export a backbone to ONNX (eval mode, 3x112x112 input, dynamic batch).",
     )
-    parser.add_argument("checkpoint", help="backbone file, checkpoint step dir, or checkpoints root")
+    parser.add_argument("checkpoint", help="run dir, checkpoints root, step dir, backbone.pt or "
+                                           "consolidated checkpoint file")
     parser.add_argument("--onnx", required=True, help="output .onnx path")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the onnxruntime comparison with the torch model")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max difference relative to the largest embedding component (default 1e-4)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _require(module: str, hint: str = "") -> None:
+    """A missing optional dependency is a one-line instruction, not an ImportError traceback."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"ONNX export needs the {module!r} package: "
+                         f"pip install 'partialfc[eval]'{hint}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from partialfc.models import load_backbone  # deferred: keeps `--help` fast
 
+    _require("onnx")
+    if not args.no_verify:
+        _require("onnxruntime", " (or pass --no-verify to skip the onnxruntime check)")
     model = load_backbone(args.checkpoint)
     export_onnx(model, args.onnx, args.opset)
     message = f"wrote {args.onnx} (opset {args.opset})"
@@ -140,6 +161,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message += f"; onnxruntime matches torch, max relative diff {difference:.2e}"
     print(message)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from partialfc.eval.cli_errors import run_cli
+
+    args = _parse_args(argv)
+    return run_cli("export", lambda: _run(args))
 
 
 if __name__ == "__main__":

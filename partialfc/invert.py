@@ -5,10 +5,12 @@ DESIGN.md section 6): optimize pixels so the embedding reaches a target while
 every BatchNorm layer sees the batch statistics it stored during training.
 All targets are inverted together as one batch.
 
-CHECKPOINT is a checkpoint step directory, a checkpoints root or run directory
-(its ``latest`` is used), or a bare ``backbone.pt`` file (then only open-set
-targets, ``--images`` / ``--embeddings``, are possible: class centers live in the
-head shards of a checkpoint).
+CHECKPOINT is a run directory, a checkpoints root (its ``latest`` is used), a step
+directory, the file ``python -m partialfc.checkpoint consolidate`` writes, or a bare
+``backbone.pt`` file (then only open-set targets, ``--images`` / ``--embeddings``, are
+possible: class centers live in the head shards of a checkpoint or in the
+consolidated file). ``partialfc.models.inference.load_model`` resolves it, as for
+every other tool.
 
 The defaults are the GPU ones (2000 steps). On a CPU use a small backbone and
 few steps for a demo, e.g. ``--steps 200`` with ``mobilefacenet_tiny``.
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "with the BatchNorm running statistics as the image prior.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="checkpoint step dir, checkpoints root / run dir, or backbone.pt")
+    parser.add_argument("checkpoint", help="run dir, checkpoints root, step dir, consolidated .pt, or backbone.pt")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     targets = parser.add_argument_group("targets (at least one; all are inverted as one batch)")
     targets.add_argument("--classes", type=int, nargs="+", default=[], metavar="ID",
@@ -92,27 +94,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(path: str, need_centers: bool):
-    """(backbone, centers or None, the checkpoint or file used) for CHECKPOINT."""
-    from partialfc.checkpoint import CheckpointError, load_centers, resolve_checkpoint
-    from partialfc.models import load_backbone
+    """(backbone, centers or None, the checkpoint or file used) for CHECKPOINT.
 
-    location = Path(path)
-    if not location.exists():
-        raise FileNotFoundError(f"checkpoint path does not exist: {location}")
-    if location.is_file():
-        if need_centers:
-            raise ValueError(
-                f"--classes needs a checkpoint directory with head shards (class centers), "
-                f"{location} is a single file"
-            )
-        return load_backbone(location), None, location
-    try:
-        step_dir = resolve_checkpoint(location)
-    except CheckpointError:
-        if need_centers:
-            raise
-        return load_backbone(location), None, location  # a directory holding only backbone.pt
-    return load_backbone(step_dir), load_centers(step_dir), step_dir
+    Centers are read whenever the source has them (the report names the nearest
+    other class); ``need_centers`` (close-set targets) makes their absence an error.
+    """
+    from partialfc.models.inference import load_model as load_checkpoint_model
+
+    loaded = load_checkpoint_model(path, centers=True)
+    if need_centers and loaded.centers is None:
+        raise ValueError(
+            f"--classes needs a checkpoint directory with head shards (class centers) or a "
+            f"consolidated checkpoint file; {loaded.source} holds only a backbone"
+        )
+    return loaded.backbone, loaded.centers, loaded.source
 
 
 def build_targets(args, backbone, centers, where: str, input_size, embedding_size: int):

@@ -17,6 +17,7 @@ optional: without it a warning is logged and only Prometheus is served.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import sys
@@ -29,6 +30,11 @@ log = logging.getLogger("partialfc.metrics")
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 THROUGHPUT_WINDOW = 20
 """Steps averaged by the images/s gauge (a single step is too noisy to read)."""
+
+
+class MetricsEndpointError(ValueError):
+    """The rank's HTTP endpoint cannot be opened (port in use, no permission, bad host):
+    a ValueError, so the entrypoint prints it as one line."""
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -101,7 +107,7 @@ class TrainingMetrics:
             return
         self._build_registry()
         if port_base:
-            self._serve(host, port_base + local_rank)
+            self._serve(host, port_base)
         if tensorboard_dir and self.rank == 0:
             self._writer = _open_tensorboard(tensorboard_dir)
 
@@ -126,6 +132,11 @@ class TrainingMetrics:
         self._checkpoint_step = gauge("partialfc_last_checkpoint_step", "Step of the last checkpoint written.")
         self._eval = gauge("partialfc_eval_accuracy", "Verification accuracy per evaluation set.", ("set",))
         self._eval_step = gauge("partialfc_eval_step", "Step of the last evaluation.")
+        self._phase_seconds = gauge("partialfc_step_phase_seconds",
+                                    "Mean seconds per step spent in each phase over the last log window "
+                                    "(partialfc/step_timer.py: device time on CUDA).", ("phase",))
+        self._phase_share = gauge("partialfc_step_phase_share",
+                                  "Share of the step spent in each phase over the last log window.", ("phase",))
         self._rss = gauge("partialfc_cpu_memory_rss_bytes", "Resident host memory of this process.")
         self._cuda = {
             kind: gauge(f"partialfc_cuda_memory_{kind}_bytes", f"CUDA caching allocator: {kind} bytes.", ("device",))
@@ -139,14 +150,19 @@ class TrainingMetrics:
                                     rank, buckets=TIME_BUCKETS, registry=registry)
         self._label = str(self.rank)
 
-    def _serve(self, host: str, port: int) -> None:
+    def _serve(self, host: str, port_base: int) -> None:
         from prometheus_client import start_http_server
 
+        port = port_base + self.local_rank
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise OSError(f"metrics endpoint {host}:{port} (metrics.port_base + local_rank {self.local_rank}) "
-                          f"cannot be opened: {exc}; choose another metrics.port_base") from exc
+            where = f"(metrics.port_base = {port_base}, local rank {self.local_rank})"
+            if exc.errno == errno.EADDRINUSE:
+                problem = f"metrics port {port} on {host} is in use {where}"
+            else:
+                problem = f"metrics endpoint {host}:{port} cannot be opened {where}: {exc.strerror or exc}"
+            raise MetricsEndpointError(f"{problem}; choose another metrics.port_base or 0 to serve nothing") from None
         self._port = self._server.server_address[1]
         log.info("rank %d serves Prometheus metrics on http://%s:%d/metrics", self.rank, host, self._port)
 
@@ -211,6 +227,17 @@ class TrainingMetrics:
         for device, values in cuda_memory_bytes().items():
             for kind, value in zip(("allocated", "reserved", "peak_allocated"), values):
                 self._cuda[kind].labels(self._label, device).set(value)
+
+    def observe_breakdown(self, step: int, phases: dict) -> None:
+        """``phases``: ``StepTimer.summary()["phases"]``, ``{name: {"seconds", "share"}}``."""
+        if not self.enabled:
+            return
+        for name, values in phases.items():
+            self._phase_seconds.labels(self._label, name).set(_check_number("seconds", values["seconds"]))
+            self._phase_share.labels(self._label, name).set(_check_number("share", values["share"]))
+        if self._writer is not None:
+            for name, values in phases.items():
+                self._writer.add_scalar(f"step_phase_share/{name}", values["share"], step)
 
     def observe_checkpoint(self, step: int) -> None:
         if not self.enabled:

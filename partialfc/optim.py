@@ -3,41 +3,102 @@
 The head's centers get a gradient only on the rows that were sampled this step (a
 sparse COO tensor from the margin-softmax op). ``RowSparseSGD`` and ``RowSparseAdamW``
 update exactly those rows and their optimizer state, indexing rows rather than
-densifying an ``(n*K, D)`` gradient. On a dense gradient (``sample_rate = 1``, or
-any dense parameter) they reduce to ``torch.optim.SGD`` / ``AdamW`` step for step,
-which the tests check.
+densifying an ``(n*K, D)`` gradient. The updates are lazy: a row absent from the
+gradient is untouched (no weight decay, no decay of its moments). On a dense gradient
+(``sample_rate = 1``, or any dense parameter) they reduce to ``torch.optim.SGD`` /
+``AdamW`` step for step, which the tests check, as they check strict row subsets
+against a row-by-row reference.
+
+Memory: the update is in place. When the rows form one contiguous run (every row at
+``sample_rate = 1``, or a dense gradient) the arithmetic runs on slice views of the
+weights and state, with no copy at all (AdamW needs one ``ROW_BLOCK x D`` scratch for
+its denominator). Otherwise the rows are gathered ``ROW_BLOCK`` at a time into scratch
+blocks allocated once per step, updated there and written back, so the temporaries are
+a few ``ROW_BLOCK x D`` blocks whatever the shard size. The gradient's rows are used as
+they come when sorted and unique, which is what the head's backward produces: autograd
+drops the sparse tensor's "coalesced" flag when it stores ``.grad``, and ``coalesce()``
+would copy every value again.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-# Rows updated per block: bounds the temporaries of a sparse update to
-# ROW_BLOCK x D whatever the shard size (a 1 M-row shard would otherwise copy GBs).
-ROW_BLOCK = 65536
+# Rows per gathered block: the scratch of a sparse update is a few ROW_BLOCK x D blocks
+# (8 MiB each at D = 512, fp32) whatever the number of rows; large enough that the
+# per-block launches do not matter, small enough to stay far below the weights.
+ROW_BLOCK = 4096
 
 
-def _row_blocks(grad: torch.Tensor, num_rows: int):
-    """Yield ``(rows or None, row gradients)`` blocks of a dense or sparse gradient.
+class _GradRows(NamedTuple):
+    """The rows a gradient touches: a contiguous ``span`` or sorted unique ``index``."""
 
-    ``rows is None`` means a dense gradient of all rows (updated in place, no copy). A
-    sparse gradient that covers every row (``sample_rate = 1``) is treated as dense too.
+    span: Optional[slice]
+    index: Optional[torch.Tensor]
+    values: torch.Tensor
+
+
+def _grad_rows(grad: torch.Tensor, num_rows: int) -> Optional[_GradRows]:
+    """Rows of a dense or row-sparse gradient, duplicates summed; None if it has none.
+
+    A dense gradient is the span of all rows. A sparse one is used as it is when its
+    rows are sorted and unique; otherwise (several backward passes accumulated into
+    one step, or any unordered input) it is coalesced, which sorts and sums duplicates.
     """
     if not grad.is_sparse:
-        yield None, grad
+        return _GradRows(slice(0, num_rows), None, grad) if num_rows else None
+    if grad.sparse_dim() != 1:
+        raise ValueError(f"a row-sparse gradient must be sparse in its first dimension only, "
+                         f"got sparse_dim={grad.sparse_dim()} for shape {tuple(grad.shape)}")
+    rows, values = grad._indices()[0], grad._values()
+    if rows.numel() == 0:
+        return None
+    if grad.is_coalesced():
+        ordered = torch.ones((), dtype=rows.dtype, device=rows.device)
+    else:
+        ordered = (rows[1:] > rows[:-1]).all().to(rows.dtype)
+    # One host sync per parameter and step (marked: which update runs depends on it, and
+    # it replaces the sync coalesce() would make): sorted and unique? first and last row?
+    is_ordered, first, last = torch.stack([ordered, rows[0], rows[-1]]).tolist()
+    if not is_ordered:
+        grad = grad.coalesce()
+        rows, values = grad._indices()[0], grad._values()
+        first, last = rows[[0, -1]].tolist()  # host sync: coalescing has synced already
+    if last - first + 1 == rows.numel():  # sorted + unique + as many as the span: the span itself
+        return _GradRows(slice(first, last + 1), None, values)
+    return _GradRows(None, rows, values)
+
+
+def _row_blocks(touched: _GradRows, tensors: list, split_span: bool):
+    """Yield ``(rows of each tensor, their gradient rows)`` to be updated in place.
+
+    ``tensors`` are the weights and the state sharing their rows. A contiguous span
+    yields slice views (whole, or ``ROW_BLOCK`` rows at a time with ``split_span`` for an
+    update that needs scratch per row). Scattered rows are gathered ``ROW_BLOCK`` at a
+    time into buffers allocated once for the step and, after the caller has updated
+    them, copied back to their rows.
+    """
+    count = touched.values.shape[0]
+    if touched.span is not None:
+        start = touched.span.start
+        block = min(ROW_BLOCK, count) if split_span else count
+        for first in range(0, count, block):
+            rows = slice(start + first, start + min(first + block, count))
+            yield [t[rows] for t in tensors], touched.values[first:first + block]
         return
-    grad = grad.coalesce()  # sums duplicate rows (several forwards in one step)
-    rows, values = grad.indices()[0], grad.values()
-    if rows.numel() == num_rows:  # coalesced + unique + all present = arange, in order
-        yield None, values
-        return
-    for first in range(0, rows.numel(), ROW_BLOCK):
-        yield rows[first:first + ROW_BLOCK], values[first:first + ROW_BLOCK]
+    block = min(ROW_BLOCK, count)
+    buffers = [torch.empty((block,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in tensors]
+    for first in range(0, count, block):
+        index = touched.index[first:first + block]
+        gathered = [torch.index_select(t, 0, index, out=b[:index.numel()]) for t, b in zip(tensors, buffers)]
+        yield gathered, touched.values[first:first + block]
+        for tensor, rows in zip(tensors, gathered):
+            tensor.index_copy_(0, index, rows)
 
 
 class RowSparseSGD(Optimizer):
@@ -60,30 +121,30 @@ class RowSparseSGD(Optimizer):
                 if momentum and "momentum_buffer" not in state:
                     # Zero start equals torch's "first buffer = first update".
                     state["momentum_buffer"] = torch.zeros_like(param)
-                for rows, grad in _row_blocks(param.grad, param.shape[0]):
-                    if rows is None:
-                        self._dense_update(param, grad, state, lr, momentum, decay)
-                        continue
-                    update = grad.add(param.index_select(0, rows), alpha=decay) if decay else grad.clone()
-                    if momentum:
-                        buffer = state["momentum_buffer"]
-                        update = buffer.index_select(0, rows).mul_(momentum).add_(update)
-                        buffer.index_copy_(0, rows, update)
-                    param.index_add_(0, rows, update, alpha=-lr)
+                touched = _grad_rows(param.grad, param.shape[0])
+                if touched is None:
+                    continue
+                tensors = [param, state["momentum_buffer"]] if momentum else [param]
+                for rows, grad in _row_blocks(touched, tensors, split_span=False):
+                    self._update(*rows, grad=grad, lr=lr, momentum=momentum, decay=decay)
         return loss
 
     @staticmethod
-    def _dense_update(param, grad, state, lr, momentum, decay):
-        """All rows, in place: no temporary the size of the shard."""
+    def _update(weight, buffer=None, *, grad, lr, momentum, decay):
+        """In place on rows of the weights and momentum (views or gathered copies).
+
+        ``buffer = momentum * buffer + grad + decay * weight``, ``weight -= lr * buffer``;
+        without momentum ``weight = (1 - lr * decay) * weight - lr * grad``.
+        """
         if momentum:
-            buffer = state["momentum_buffer"].mul_(momentum).add_(grad)
+            buffer.mul_(momentum).add_(grad)
             if decay:
-                buffer.add_(param, alpha=decay)
-            param.add_(buffer, alpha=-lr)
+                buffer.add_(weight, alpha=decay)
+            weight.add_(buffer, alpha=-lr)
         else:
             if decay:
-                param.mul_(1 - lr * decay)
-            param.add_(grad, alpha=-lr)
+                weight.mul_(1 - lr * decay)
+            weight.add_(grad, alpha=-lr)
 
 
 class RowSparseAdamW(Optimizer):
@@ -102,7 +163,7 @@ class RowSparseAdamW(Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            settings = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], decay=group["weight_decay"])
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -111,33 +172,36 @@ class RowSparseAdamW(Optimizer):
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros_like(param)
                     state["row_step"] = torch.zeros(param.shape[0], dtype=torch.float64, device=param.device)
-                for rows, grad in _row_blocks(param.grad, param.shape[0]):
-                    if rows is None:
-                        blocks = range(0, param.shape[0], ROW_BLOCK)
-                        pieces = ((torch.arange(b, min(b + ROW_BLOCK, param.shape[0]), device=param.device),
-                                   grad[b:b + ROW_BLOCK]) for b in blocks)
-                    else:
-                        pieces = ((rows, grad),)
-                    for block_rows, block_grad in pieces:
-                        self._update_rows(param, state, block_rows, block_grad, lr, beta1, beta2, eps, decay)
+                touched = _grad_rows(param.grad, param.shape[0])
+                if touched is None:
+                    continue
+                scratch = torch.empty((min(ROW_BLOCK, touched.values.shape[0]),) + tuple(param.shape[1:]),
+                                      dtype=param.dtype, device=param.device)
+                tensors = [param, state["exp_avg"], state["exp_avg_sq"], state["row_step"]]
+                for rows, grad in _row_blocks(touched, tensors, split_span=True):
+                    self._update(*rows, grad=grad, scratch=scratch[:grad.shape[0]], **settings)
         return loss
 
     @staticmethod
-    def _update_rows(param, state, rows, grad, lr, beta1, beta2, eps, decay):
-        weight = param.index_select(0, rows)
-        exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
-        exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
-        step = state["row_step"].index_select(0, rows) + 1
-        state["exp_avg"].index_copy_(0, rows, exp_avg)
-        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-        state["row_step"].index_copy_(0, rows, step)
-        shape = (-1,) + (1,) * (param.ndim - 1)
-        correction1 = (1 - beta1 ** step).view(shape)
-        correction2 = (1 - beta2 ** step).view(shape)
-        denom = (exp_avg_sq.sqrt() / correction2.sqrt()).add_(eps)
-        new_weight = weight * (1 - lr * decay) - (lr / correction1) * exp_avg / denom
-        param.index_copy_(0, rows, new_weight.to(param.dtype))
+    def _update(weight, exp_avg, exp_avg_sq, row_step, *, grad, scratch, lr, betas, eps, decay):
+        """In place on rows of the weights and state (views or gathered copies).
+
+        Per row, with its own step count t: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 -
+        b2) g^2``, ``w = (1 - lr decay) w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t)
+        + eps)``, as torch.optim.AdamW. ``scratch`` (same shape) holds the denominator
+        and then the step; the per-row factors are computed in float64, like torch's
+        Python-float bias corrections.
+        """
+        beta1, beta2 = betas
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        row_step.add_(1)
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        root_correction2 = (1 - beta2 ** row_step).sqrt_().to(weight.dtype).view(shape)
+        step_size = (lr / (1 - beta1 ** row_step)).to(weight.dtype).view(shape)
+        denom = torch.sqrt(exp_avg_sq, out=scratch).div_(root_correction2).add_(eps)
+        update = torch.div(exp_avg, denom, out=scratch).mul_(step_size)
+        weight.mul_(1 - lr * decay).sub_(update)
 
 
 def build_optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float,

@@ -36,28 +36,51 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from partialfc.distributed.runtime import init_runtime, shutdown_runtime
+    from partialfc import run_log
+    from partialfc.distributed.runtime import STARTUP_TIMEOUT_MINUTES, init_runtime, shutdown_runtime
+    from partialfc.distributed.supervision import EXIT_CODE, first_line, is_collective_failure
     from partialfc.trainer import Trainer
 
     try:
-        runtime = init_runtime(cfg.train.device, cfg.train.backend, require_group=cfg.train.engine == "deepspeed")
+        runtime = init_runtime(cfg.train.device, cfg.train.backend, timeout_minutes=STARTUP_TIMEOUT_MINUTES,
+                               require_group=cfg.train.engine == "deepspeed",
+                               collective_timeout=cfg.train.collective_timeout)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO if runtime.is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {runtime.rank}] %(message)s", datefmt="%H:%M:%S",
-    )
+    run_log.configure_console(runtime.rank)
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        run_log.log_to_file_only(line)
+
+    abandon_group = finished = False
     try:
         summary = Trainer(cfg, runtime).train()
+        finished = True
         if runtime.is_main:
             logging.getLogger("partialfc.train").info("done: %s", summary)
     except ValueError as exc:
-        # Bad data, a label out of range, a checkpoint of another model: say what, no traceback.
-        print(f"error [rank {runtime.rank}]: {exc}", file=sys.stderr)
+        # Bad data, a label out of range, a checkpoint of another model: say what, no
+        # traceback. Published first, so the peers left waiting name this rank.
+        line = f"error [rank {runtime.rank}]: {exc}"
+        runtime.supervisor.publish_failure(line)
+        report(line)
         return 2
+    except KeyboardInterrupt:
+        report(f"error [rank {runtime.rank}]: interrupted after step {runtime.supervisor.step}")
+        return 130
+    except Exception as exc:
+        if runtime.world_size > 1 and is_collective_failure(exc):
+            # A peer failed, stopped or vanished: name it in one line instead of gloo's traceback.
+            abandon_group = True
+            report(f"error [rank {runtime.rank}]: {runtime.supervisor.explain_collective_failure(exc)}")
+            return EXIT_CODE
+        runtime.supervisor.publish_failure(f"{type(exc).__name__}: {first_line(exc)}")
+        raise  # a bug: its traceback is the report
     finally:
-        shutdown_runtime()
+        run_log.detach_log_file()
+        shutdown_runtime(runtime, abandon=abandon_group, synchronize=finished)
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Atomic writes: the final name holds the old file or the complete new one, nothing else."""
+"""Atomic writes: the final name holds the old file or the complete new one, nothing else;
+a full disk is an error naming the file."""
+import errno
 import os
 import signal
 import stat
@@ -8,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from partialfc.atomic_io import TEMP_PREFIX, atomic_output_path, atomic_torch_save, atomic_write_text
+from full_disk import open_on_full_disk
+from partialfc.atomic_io import TEMP_PREFIX, DiskFullError, atomic_output_path, atomic_torch_save, atomic_write_text
 
 
 def test_final_file_appears_only_when_complete(tmp_path):
@@ -90,3 +93,56 @@ def test_result_has_plain_open_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o644  # not mkstemp's 0600
+
+
+def _disk_with_room(monkeypatch, room):
+    from partialfc import atomic_io
+
+    monkeypatch.setattr(atomic_io, "open", open_on_full_disk(room), raising=False)
+
+
+@pytest.mark.parametrize("room", [0, 100, 3000])
+def test_disk_full_in_torch_save_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, room):
+    # torch.save("path") would report "basic_ios::clear: iostream error" here, and
+    # torch.save(file) an "unexpected pos": the ENOSPC itself must come out.
+    target = tmp_path / "head_rank00001.pt"
+    atomic_torch_save({"step": 1}, target)
+    _disk_with_room(monkeypatch, room)
+    with pytest.raises(DiskFullError) as caught:
+        atomic_torch_save({"w": torch.randn(4096)}, target)
+    assert str(caught.value) == f"no space left on device writing {target} ({os.strerror(errno.ENOSPC)})"
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["head_rank00001.pt"]
+
+
+def test_disk_full_in_text_write(tmp_path, monkeypatch):
+    target = tmp_path / "manifest.json"
+    target.write_text("old")
+    _disk_with_room(monkeypatch, 10)
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*manifest\.json \(No space"):
+        atomic_write_text(target, "x" * 100)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_file_size_limit_is_reported_like_a_full_disk(tmp_path):
+    """A real file system, no mock: RLIMIT_FSIZE makes the kernel refuse the write (EFBIG),
+    which works as root and without a small tmpfs to fill."""
+    child = (
+        "import resource, signal, sys, torch\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from partialfc.atomic_io import atomic_torch_save\n"
+        "try:\n"
+        "    atomic_torch_save({'w': torch.randn(10000)}, sys.argv[1])\n"
+        "except OSError as error:\n"
+        "    print(type(error).__name__, error.errno, error)\n"
+    )
+    target = tmp_path / "backbone.pt"
+    target.write_bytes(b"old")
+    result = subprocess.run([sys.executable, "-c", child, str(target)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == f"DiskFullError {errno.EFBIG} no space left on device writing {target} " \
+                                    f"({os.strerror(errno.EFBIG)})", result.stderr
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["backbone.pt"]

@@ -62,7 +62,7 @@ def test_head_benchmark_quick_writes_the_table(tmp_path):
     for needed in ("- Machine:", "- Commit:", "- Date:", "- Command: `python benchmarks/head.py --quick"):
         assert needed in text
     header = next(line for line in text.splitlines() if line.startswith("| classes/rank"))
-    assert "step s ours" in header and "time ratio" in header
+    assert "step s ours" in header and "time ratio" in header and "optimizer share ours" in header
     row = next(line for line in text.splitlines() if line.startswith("| 1e+03 | 1 | 1.0 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     columns = [cell.strip() for cell in header.strip("|").split("|")]
@@ -75,6 +75,33 @@ def test_head_benchmark_quick_writes_the_table(tmp_path):
     high = (step_ours + 0.0005) / (step_base - 0.0005) + 0.005
     assert low <= float(by_name["time ratio"]) <= high, (by_name, low, high)
     assert by_name["kept rows/rank"] == "1,000"
+    assert 0 < float(by_name["optimizer share ours"].rstrip("%")) < 100
     # Both paths see the same seeds and classes, so the report's loss check must be tight.
     gap = float(re.search(r"agree to a relative ([0-9.e+-]+)", text).group(1))
     assert gap < 1e-4
+
+
+def test_train_benchmark_ceiling_mode_quick_writes_the_table(tmp_path):
+    """The GPU benchmark's code path (backbone-alone ceiling, then the real Trainer), at
+    CPU smoke sizes: the report must hold one row with both throughputs and their ratio."""
+    out = tmp_path / "train_ceiling.md"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "train.py"), "--mode", "ceiling", "--device", "cpu",
+         "--quick", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "- Command: `python benchmarks/train.py --mode ceiling --device cpu --quick" in text
+    header = next(line for line in text.splitlines() if line.startswith("| backbone"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| mobilefacenet_tiny"))
+    by_name = dict(zip(columns, (cell.strip() for cell in row.strip("|").split("|"))))
+    ceiling, trainer = float(by_name["ceiling img/s"]), float(by_name["trainer img/s"])
+    assert ceiling > 0 and trainer > 0
+    # The ratio is printed from unrounded throughputs: bound it by the rounding of both.
+    low, high = (trainer - 0.5) / (ceiling + 0.5) - 0.005, (trainer + 0.5) / max(ceiling - 0.5, 1e-9) + 0.005
+    assert low <= float(by_name["trainer / ceiling"]) <= high, by_name
+    assert by_name["memory format"] == "NCHW"  # auto is off on CPU
+    assert "Failures:" not in text

@@ -67,12 +67,14 @@ def test_shipped_config_round_trips(path):
     assert again["model"]["backbone"] == cfg.model.backbone
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "demo" not in p], ids=os.path.basename)
+# The production configs (demo and the RecordIO example have their own tests).
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "demo" not in p and "example" not in p],
+                         ids=os.path.basename)
 def test_shipped_config_builds_for_rank_of_eight(path):
     from partialfc.distributed.shards import class_shard
     from partialfc.head import PartialFC
     from partialfc.models import build_backbone
-    from partialfc.trainer import backbone_kwargs, build_margin
+    from partialfc.builders import backbone_kwargs, build_margin
 
     cfg = load_config(path)
     with torch.device("meta"):  # shapes only: iresnet100 and 2 M-class shards without the memory
@@ -86,3 +88,41 @@ def test_shipped_config_builds_for_rank_of_eight(path):
     assert sum(p.numel() for p in backbone.parameters()) > 60e6  # iresnet100
     assert cfg.data.batch_size == 128 and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
     assert cfg.train.epochs == 20 and cfg.optim.warmup_epochs == 2
+
+
+# Each of these crashed much later (ZeroDivisionError in the step loop or the lr
+# scaling) or was silently ignored (a negative checkpoint interval, zero epochs).
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=0", "train.log_every = 0 must be >= 1"),
+    ("train.accumulate=0", "train.accumulate = 0 must be >= 1"),
+    ("optim.lr_reference_batch=0", "optim.lr_reference_batch = 0 must be >= 1"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every = -1 must be >= 0"),
+    ("train.epochs=0", "train.epochs = 0 must be >= 1"),
+    ("train.max_steps=-5", "train.max_steps = -5 must be >= 0"),
+    ("data.batch_size=0", "data.batch_size = 0 must be >= 1"),
+    ("head.sample_rate=0", "head.sample_rate = 0.0 must be in (0, 1]"),
+    ("head.sample_rate=1.5", "head.sample_rate = 1.5 must be in (0, 1]"),
+    ("head.lr_scale=0", "head.lr_scale = 0.0 must be > 0"),
+    ("optim.lr=-0.1", "optim.lr = -0.1 must be >= 0"),
+    ("optim.lr=nan", "optim.lr = nan must be >= 0"),
+    ("optim.momentum=1", "optim.momentum = 1.0 must be in [0, 1)"),
+    ("metrics.port_base=70000", "metrics.port_base = 70000 must be in [0, 65535]"),
+])
+def test_out_of_range_values_are_refused_by_name(tmp_path, override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, ""), [override])
+    assert str(caught.value).endswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_out_of_range_value_in_the_file_names_the_file(tmp_path):
+    path = write(tmp_path, "[train]\nlog_every = 0\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: train\.log_every = 0 must be >= 1$"):
+        load_config(path)
+
+
+def test_edge_values_inside_the_range_are_accepted(tmp_path):
+    cfg = load_config(write(tmp_path, ""), ["train.log_every=1", "train.accumulate=1", "train.checkpoint_every=0",
+                                            "train.epochs=1", "head.sample_rate=1", "optim.lr=0",
+                                            "optim.momentum=0", "metrics.port_base=65535", "head.chunk_size=1"])
+    assert cfg.train.log_every == 1 and cfg.head.sample_rate == 1.0 and cfg.metrics.port_base == 65535

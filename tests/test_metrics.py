@@ -14,7 +14,7 @@ from prometheus_client import generate_latest  # required, not skipped: CI must 
 from prometheus_client.parser import text_string_to_metric_families
 
 from partialfc import metrics as metrics_module
-from partialfc.metrics import THROUGHPUT_WINDOW, TIME_BUCKETS, TrainingMetrics
+from partialfc.metrics import THROUGHPUT_WINDOW, TIME_BUCKETS, MetricsEndpointError, TrainingMetrics
 from spawn import free_port, run_ranks  # tests/ is on sys.path (conftest.py)
 
 
@@ -184,13 +184,17 @@ def test_close_stops_the_endpoint():
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_busy_port_is_a_clear_error():
+def test_busy_port_is_a_one_line_value_error():
+    """A ValueError, so the entrypoint prints this line instead of a traceback."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(OSError, match=f"127.0.0.1:{port}.*metrics.port_base"):
-            TrainingMetrics(rank=0, local_rank=0, port_base=port)
+        with pytest.raises(MetricsEndpointError) as caught:
+            TrainingMetrics(rank=3, local_rank=1, port_base=port - 1)
+    assert isinstance(caught.value, ValueError)
+    assert str(caught.value) == (f"metrics port {port} on 127.0.0.1 is in use (metrics.port_base = {port - 1}, "
+                                 "local rank 1); choose another metrics.port_base or 0 to serve nothing")
 
 
 def test_cuda_memory_gauges_per_device(monkeypatch):

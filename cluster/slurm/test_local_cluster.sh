@@ -12,7 +12,7 @@
 # the job is requeued, resumes and still completes with every step logged exactly once.
 # The daemons are always stopped and the temp dir removed (KEEP_RUN=1 keeps it).
 #
-# Environment: SLURM_TEMPLATE (default /work/shared/slurm-local.conf), MAX_STEPS (20),
+# Environment: SLURM_TEMPLATE (default cluster/slurm/slurm-local.conf, shipped), MAX_STEPS (20),
 # JOB_TIMEOUT seconds (900), KEEP_RUN. Needs root. Not part of pytest: about 2-4 minutes.
 set -euo pipefail
 
@@ -26,7 +26,7 @@ for arg in "$@"; do
 done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-TEMPLATE=${SLURM_TEMPLATE:-/work/shared/slurm-local.conf}
+TEMPLATE=${SLURM_TEMPLATE:-$REPO/cluster/slurm/slurm-local.conf}
 MAX_STEPS=${MAX_STEPS:-20}
 JOB_TIMEOUT=${JOB_TIMEOUT:-900}
 START_TIME=$(date +%s)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from partialfc.atomic_io import atomic_output_path
-from partialfc.data.augment import decode_face
+from partialfc.data.decode import decode_face
 from partialfc.data.recordio_source import RecordDataset
 from partialfc.distributed import collectives
 from partialfc.data.pixels import normalize_pixels
@@ -52,15 +52,21 @@ class _RecordBatches(Dataset):
         return math.ceil(len(self.sample_ids) / self.batch_size)
 
     def __getitem__(self, index: int):
+        """(images, labels, keys, None), or (None, None, None, error) for a bad record: the
+        error is raised by the caller, as one line (raised in a worker, DataLoader would
+        wrap it in the worker's traceback text)."""
         ids = self.sample_ids[index * self.batch_size:(index + 1) * self.batch_size]
         images, labels, keys = [], [], []
-        for sample_id in ids:
-            data, label, where = self.dataset.fetch(sample_id)  # errors name file and record
-            images.append(decode_face(data, where))
-            labels.append(label)
-            keys.append(self.dataset.key(sample_id))
+        try:
+            for sample_id in ids:
+                data, label, where = self.dataset.fetch(sample_id)  # errors name file and record
+                images.append(decode_face(data, where))
+                labels.append(label)
+                keys.append(self.dataset.key(sample_id))
+        except ValueError as error:
+            return None, None, None, error
         return (torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64),
-                torch.tensor(keys, dtype=torch.int64))
+                torch.tensor(keys, dtype=torch.int64), None)
 
 
 @torch.inference_mode()
@@ -77,7 +83,9 @@ def embed_range(model: nn.Module, dataset: RecordDataset, sample_ids: range, *, 
     loader = DataLoader(_RecordBatches(dataset, sample_ids, batch_size), batch_size=None,
                         num_workers=num_workers, prefetch_factor=2 if num_workers else None)
     embeddings, labels, keys = [], [], []
-    for images, batch_labels, batch_keys in loader:
+    for images, batch_labels, batch_keys, error in loader:
+        if error is not None:
+            raise error
         pixels = normalize_pixels(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
         features = model(pixels).float()
         if flip:
@@ -133,6 +141,7 @@ def embed_dataset(model: nn.Module, dataset: RecordDataset, *, batch_size: int, 
     rank, world = collectives.rank(group), collectives.world_size(group)
     counts = [len(sample_range(dataset.num_images, world, r)) for r in range(world)]
     bar = _progress_bar(dataset.num_images, world, enabled=show_progress and rank == 0)
+    failure: Optional[ValueError] = None
     try:
         # Rank 0 sees only its own batches; with equal shards that times W is the total.
         update = (lambda images: bar.update(images * world)) if bar is not None else None
@@ -140,15 +149,32 @@ def embed_dataset(model: nn.Module, dataset: RecordDataset, *, batch_size: int, 
             model, dataset, sample_range(dataset.num_images, world, rank), batch_size=batch_size,
             device=device, embedding_size=embedding_size, num_workers=num_workers, flip=flip,
             progress=update)
+    except ValueError as error:  # a record that does not read or decode
+        failure = error
     finally:
         if bar is not None:
             bar.close()
+    _raise_if_any_rank_failed(failure, group, collective_device)
     meta = torch.stack([labels, keys], dim=1)
     embeddings = gather_rows_to_rank0(embeddings, counts, group, collective_device)
     meta = gather_rows_to_rank0(meta, counts, group, collective_device)
     if embeddings is None:
         return None
     return embeddings.numpy(), meta[:, 0].numpy(), meta[:, 1].numpy()
+
+
+def _raise_if_any_rank_failed(failure: Optional[ValueError], group,
+                              device: Optional[torch.device]) -> None:
+    """Every rank raises when one failed, instead of the others waiting in the gather
+    until the collective timeout; the rank that failed raises its own message."""
+    if collectives.is_distributed(group):
+        flag = torch.tensor([0 if failure is None else 1], device=device or torch.device("cpu"))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if failure is None and bool(flag.item()):  # host sync: once per job
+            raise ValueError("another rank could not read or decode a record (its message "
+                             "names it); nothing written")
+    if failure is not None:
+        raise failure
 
 
 def _progress_bar(total: int, world: int, enabled: bool):

@@ -49,13 +49,37 @@ def output_paths(out_prefix: str) -> Dict[str, str]:
 
 
 def check_output_location(out_prefix: str, data_dir: str) -> None:
-    """Refuse outputs that would overwrite the input (``property`` is per directory)."""
+    """Refuse outputs that would overwrite the input (``property`` is per directory) or
+    that cannot be written; a missing output directory is fine (``write_outputs``
+    creates it), as long as its nearest existing ancestor is a writable directory."""
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"--out {out_prefix!r}: output directory {out_dir!r} does not exist")
-    if os.path.samefile(out_dir, data_dir):
+    if os.path.isdir(out_dir) and os.path.samefile(out_dir, data_dir):
         raise ValueError(f"--out {out_prefix!r} is in the input's directory {data_dir!r}; its "
                          f"'property' file would be overwritten: choose another directory")
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out_prefix!r}: {existing!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_prefix!r}: directory {existing!r} is not writable")
+
+
+def refuse_empty_result(selection: Selection, report: dict) -> None:
+    """A cleaned set without images would not load anywhere (``property`` would say
+    0 classes): say why instead of writing it. Almost always an undertrained model."""
+    if selection.num_new_classes > 0:
+        return
+    dropped = report["dropped_images"]
+    median = report["angle_deg_quantiles"].get("p50")
+    raise ValueError(
+        f"cleaning would drop all {report['images_before']} images ({dropped['angle']} beyond "
+        f"{report['threshold_deg']:g} deg, {dropped['min_samples']} in identities under "
+        f"{report['min_samples']} images): nothing written; the checkpoint may be undertrained"
+        + (f" (median angle to the dominant sub-center {median:.1f} deg)" if median is not None
+           else "")
+        + ": look at the angles with --dry-run, then raise --threshold-deg or lower "
+          "--min-samples, or train longer")
 
 
 def build_report(selection: Selection, labels: np.ndarray, *, threshold_deg: float, min_samples: int,
@@ -94,6 +118,19 @@ def _write_csv_lines(path: str, header: str, lines) -> None:
         handle.write(header + "\n")
         for line in lines:
             handle.write(line + "\n")
+
+
+def histogram_available() -> bool:
+    """matplotlib comes with the ``eval`` extra, not with the core install: without it the
+    cleaned set and its report are still written, only the plot is left out (with a warning)."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    logging.getLogger("partialfc.clean").warning(
+        "matplotlib is not installed (pip install 'partialfc[eval]'): no angle histogram is written")
+    return False
 
 
 def write_histogram(path: str, angles: np.ndarray, keep: np.ndarray, threshold_deg: float) -> None:
@@ -137,17 +174,29 @@ def write_outputs(out_prefix: str, dataset: RecordDataset, keys: np.ndarray, lab
                   show_progress: bool = True) -> Dict[str, str]:
     """Stage every output in a temp dir beside ``out_prefix``, then rename into place.
 
-    ``dry_run`` writes only the report and the histogram. Returns role -> final path.
+    ``dry_run`` writes only the report and the histogram. An empty result (every image
+    dropped) is refused unless ``dry_run``. Missing parent directories are created.
+    Returns role -> final path.
     """
+    if not dry_run:
+        refuse_empty_result(selection, report)
     final = output_paths(out_prefix)
     roles = ["histogram", "report"] if dry_run else \
         ["histogram", "labels", "dropped", "property", "rec", "idx", "report"]
+    if not histogram_available():
+        roles.remove("histogram")
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out_prefix!r}: cannot create {out_dir!r} "
+                         f"({error.strerror})") from None
     staging = tempfile.mkdtemp(prefix="." + os.path.basename(out_prefix) + ".clean-", dir=out_dir)
     staged = {role: os.path.join(staging, os.path.basename(final[role])) for role in roles}
     try:
         keep = selection.keep
-        write_histogram(staged["histogram"], selection.angle_deg, keep, report["threshold_deg"])
+        if "histogram" in roles:
+            write_histogram(staged["histogram"], selection.angle_deg, keep, report["threshold_deg"])
         if not dry_run:
             _write_csv_lines(staged["labels"], "old_label,new_label",
                              (f"{old},{new}" for old, new in enumerate(selection.old_to_new.tolist())))

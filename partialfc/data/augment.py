@@ -8,7 +8,6 @@ batch ``b`` can be produced without producing batches ``0 .. b-1`` (resume).
 """
 from __future__ import annotations
 
-import io
 from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
@@ -16,23 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from partialfc.data.base import Batch, BatchSource
+from partialfc.data.decode import decode_face
 from partialfc.data.pixels import normalize_pixels
-
-IMAGE_SIZE = 112
-
-
-def decode_face(data: bytes, where: str) -> np.ndarray:
-    """JPEG/PNG bytes -> RGB uint8 (112, 112, 3); other sizes are resized bilinearly."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{where}: cannot decode image ({error})") from None
 
 
 def normalize_batch(images: np.ndarray, flips: np.ndarray) -> torch.Tensor:
@@ -74,6 +58,12 @@ class _BatchDataset(Dataset):
         return len(self.plan)
 
     def __getitem__(self, batch_index: int):
+        """(images, labels, skipped messages, None) or (None, None, None, error).
+
+        A bad sample's ``ValueError`` is returned, not raised: raised in a worker,
+        DataLoader would re-raise it wrapped in the worker's traceback text, and the
+        user would get a page instead of the one line naming the record.
+        """
         images: List[np.ndarray] = []
         labels: List[int] = []
         skipped: List[str] = []
@@ -84,10 +74,11 @@ class _BatchDataset(Dataset):
                 labels.append(label)
             except ValueError as error:  # corrupt record, undecodable image, bad label
                 if not self.skip_corrupt:
-                    raise
+                    return None, None, None, error
                 skipped.append(str(error))
         if not images:
-            raise ValueError(f"batch {batch_index}: every sample is corrupt, first: {skipped[0]}")
+            return None, None, None, ValueError(
+                f"batch {batch_index}: every sample is corrupt, first: {skipped[0]}")
         # Keep the batch size: a skipped sample is replaced by a copy of a good one of
         # the same batch (deterministic, and rare by assumption).
         while len(images) < len(self.plan[batch_index]):
@@ -95,7 +86,7 @@ class _BatchDataset(Dataset):
             labels.append(labels[len(labels) % len(labels)])
         flips = self.flips[batch_index] if self.flip else np.zeros(len(images), bool)
         return (normalize_batch(np.stack(images), flips),
-                torch.tensor(labels, dtype=torch.int64), skipped)
+                torch.tensor(labels, dtype=torch.int64), skipped, None)
 
 
 class IndexedSampleSource(BatchSource):
@@ -107,6 +98,9 @@ class IndexedSampleSource(BatchSource):
     """
 
     num_samples: int
+    # Set by build_source when the trainer runs on CUDA: the loader hands out batches in
+    # pinned memory, so the prefetcher's non_blocking copy to the GPU is truly async.
+    pin_memory: bool = False
 
     def __init__(self, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, skip_corrupt: bool = False, shuffle: bool = True,
@@ -141,8 +135,11 @@ class IndexedSampleSource(BatchSource):
                                 self.skip_corrupt, self.flip)
         loader = DataLoader(dataset, batch_size=None, shuffle=False,
                             num_workers=self.num_workers, collate_fn=_identity,
-                            prefetch_factor=2 if self.num_workers else None)
-        for images, labels, skipped in loader:
+                            prefetch_factor=2 if self.num_workers else None,
+                            pin_memory=self.pin_memory)
+        for images, labels, skipped, error in loader:
+            if error is not None:
+                raise error
             self.skipped.extend(skipped)
             yield images, labels
 

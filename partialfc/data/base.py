@@ -35,6 +35,10 @@ class BatchSource(abc.ABC):
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield this rank's batches of ``epoch`` from ``start_batch`` on."""
 
+    def describe(self) -> str:
+        """One phrase for the start-up log: what is read, by which loader, decoded where."""
+        return type(self).__name__
+
     def close(self) -> None:
         """Release workers or pipelines; sources without any need not override."""
 

@@ -8,8 +8,16 @@ applies the random flip and ``(x - 127.5) / 128`` in CHW float.
 DALI's reader treats every ``.idx`` entry as an image, and sizes a record as the gap
 to the next offset, so the insightface header record (key 0, no image) and the
 per-identity records must not be listed. When the set has them, or when
-``skip_corrupt`` drops records whose framing is broken, a filtered index is written
-to a private temp dir: the input files are never touched.
+``skip_corrupt`` drops records whose framing is broken or whose payload does not
+decode, a filtered index is written to a private temp dir: the input files are never
+touched.
+
+Bad payloads: DALI's decoder cannot skip a sample (one undecodable payload fails the
+whole batch) and decodes a garbage JPEG body leniently where the torch loader
+refuses it. So every image record is first checked on the CPU with the torch
+loader's own rule (``image_scan``, cached beside the index): with ``skip_corrupt``
+the failures are left out of DALI's index and counted in ``report()`` as the torch
+loader counts them; without it the first one is a one-line error naming the record.
 
 Order: DALI shards are contiguous ranges of the index and its shuffle is a buffer
 of ``initial_fill`` samples, so the label stream differs from the torch loader's
@@ -20,6 +28,7 @@ pipeline is built per epoch, seeded from ``(seed, epoch, rank)``; resuming at
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterator, List, Optional
@@ -27,10 +36,12 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
-from partialfc.data.augment import IMAGE_SIZE
 from partialfc.data.base import Batch, BatchSource
+from partialfc.data.decode import IMAGE_SIZE
+from partialfc.data.image_scan import undecodable_images
 from partialfc.data.pixels import PIXEL_MEAN, PIXEL_SCALE
-from partialfc.data.recordio import MAGIC
+from partialfc.data.recordio import broken_framing
+from partialfc.data.recordio_index import load_index
 from partialfc.data.recordio_source import RecordDataset
 
 
@@ -42,27 +53,18 @@ def dali_available() -> bool:
     return True
 
 
-def broken_framing(rec_path: str, offsets: np.ndarray) -> np.ndarray:
-    """Bool mask of offsets whose first record header is unreadable (vectorized).
+def dali_error_line(error: BaseException) -> str:
+    """The line of a DALI pipeline error that says what failed (it names file and offset).
 
-    Checks magic, the continuation flag and that the length stays inside the file;
-    it does not decode images.
+    The records that do not decode are filtered out beforehand, so this is a safety net
+    (a payload Pillow accepts and nvJPEG refuses); it keeps the error to one line.
     """
-    size = os.path.getsize(rec_path)
-    offsets = np.asarray(offsets, np.int64)
-    broken = (offsets < 0) | (offsets + 8 > size)
-    if size < 8:
-        return broken
-    data = np.memmap(rec_path, np.uint8, mode="r")
-    for start in range(0, offsets.size, 1 << 20):  # 1 M records at a time: small temporaries
-        ok = np.flatnonzero(~broken[start:start + (1 << 20)]) + start
-        heads = np.ascontiguousarray(data[offsets[ok, None] + np.arange(8)]).view("<u4")
-        flag, length = heads[:, 1] >> 29, heads[:, 1] & ((1 << 29) - 1)
-        bad = (heads[:, 0] != MAGIC) | (flag > 1) | \
-            (offsets[ok] + 8 + length.astype(np.int64) > size)
-        broken[ok[bad]] = True
-    del data
-    return broken
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for marker in ("Failed to decode", "nvImageCodec failure", "Error"):
+        for line in lines:
+            if marker in line and "pipeline definition" not in line:
+                return line
+    return lines[0] if lines else type(error).__name__
 
 
 class DaliRecordIOSource(BatchSource):
@@ -71,7 +73,8 @@ class DaliRecordIOSource(BatchSource):
     def __init__(self, prefix: str, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, skip_corrupt: bool = False,
                  num_classes: Optional[int] = None, device: str = "cpu",
-                 shuffle: bool = True, flip: bool = True, initial_fill: int = 32768):
+                 shuffle: bool = True, flip: bool = True, initial_fill: int = 32768,
+                 scan_workers: Optional[int] = None):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size <= 0:
@@ -80,6 +83,7 @@ class DaliRecordIOSource(BatchSource):
         self.num_threads = max(1, num_workers)
         self.skip_corrupt, self.shuffle, self.flip = skip_corrupt, shuffle, flip
         self.initial_fill = initial_fill
+        self.scan_workers = scan_workers
         self.use_gpu = device == "cuda" and torch.cuda.is_available()
         self.skipped: List[str] = []
         self.corrupt_in_index: List[str] = []
@@ -105,16 +109,22 @@ class DaliRecordIOSource(BatchSource):
             images = (all_keys >= 1) & (all_keys < dataset.header_range[0])
             keys, offsets = all_keys[images], np.asarray(reader.offsets)[images]
         broken = broken_framing(dataset.rec_path, offsets)
-        if broken.any():
-            described = [f"{dataset.rec_path}: record {int(k)} at byte {int(o)}: bad framing"
-                         for k, o in zip(keys[broken], offsets[broken])]
+        problems = [(int(k), f"{dataset.rec_path}: record {int(k)} at byte {int(o)}: bad framing")
+                    for k, o in zip(keys[broken], offsets[broken])]
+        undecodable = undecodable_images(dataset.rec_path, dataset.idx_path, keys[~broken],
+                                         offsets[~broken], workers=self.scan_workers)
+        excluded = broken.copy()
+        if undecodable:
+            excluded |= np.isin(keys, np.array([key for key, _ in undecodable], np.int64))
+            problems = sorted(problems + undecodable)
+        if problems:
             if not self.skip_corrupt:
-                raise ValueError(described[0] + f" ({int(broken.sum())} such records; set "
+                raise ValueError(problems[0][1] + f" ({len(problems)} such records; set "
                                  "data.skip_corrupt=true to skip them)")
-            self.corrupt_in_index = described
-            keys, offsets = keys[~broken], offsets[~broken]
+            self.corrupt_in_index = [message for _, message in problems]
+            keys, offsets = keys[~excluded], offsets[~excluded]
         self._tmpdir = None
-        if dataset.header_range is None and not broken.any():
+        if dataset.header_range is None and not problems:
             return dataset.idx_path, int(keys.size)
         self._tmpdir = tempfile.mkdtemp(prefix="partialfc-dali-")
         path = os.path.join(self._tmpdir, "images.idx")
@@ -180,18 +190,40 @@ class DaliRecordIOSource(BatchSource):
         pipe = self.build_pipeline(epoch)
         try:
             for batch_index in range(len(self)):
-                images_out, labels_out = pipe.run()
+                try:
+                    images_out, labels_out = pipe.run()
+                except RuntimeError as error:
+                    raise ValueError(self._describe_failure(error, epoch, batch_index)) from None
                 if batch_index < start_batch:
                     continue  # replay to reach the resume point
                 images = self._to_torch(images_out)
-                labels = self._to_torch(labels_out).reshape(-1).to(images.device)
-                yield images, self._check_labels(images, labels, images_out, batch_index)
+                # Labels leave DALI on the host: checked there (no device sync), then copied.
+                labels = self._check_labels(images, self._to_torch(labels_out).reshape(-1), images_out,
+                                            batch_index)
+                if images.is_cuda:
+                    labels = labels.pin_memory().to(images.device, non_blocking=True)
+                yield images, labels
         finally:
             del pipe
 
+    def _describe_failure(self, error: RuntimeError, epoch: int, batch_index: int) -> str:
+        """One line for a DALI pipeline error, naming the record when DALI gives its offset."""
+        line = dali_error_line(error)
+        where = f"{self.rec_path}: batch {batch_index} of epoch {epoch}"
+        found = re.search(r" at index (\d+)", line)
+        if found:  # DALI names "<file> at index <byte offset>"; the index maps it to a key
+            keys, offsets = load_index(self.idx_path, use_cache=False)
+            match = np.flatnonzero(offsets == int(found.group(1)))
+            if match.size:
+                where = f"{self.rec_path}: record {int(keys[match[0]])} at byte {found.group(1)}"
+        return (f"{where}: DALI failed to decode ({line}); "
+                f"`python -m partialfc.data.inspect {self.rec_path[:-4]} --decode` lists such records")
+
     def _check_labels(self, images, labels, images_out, batch_index) -> torch.Tensor:
+        """Host labels ``labels`` checked against the class range; bad samples replaced
+        (``skip_corrupt``) or a one-line error naming the record."""
         bad = (labels < 0) | (labels >= self.num_classes)
-        if not bool(bad.any()):  # host sync, once per batch, on a (B,) vector
+        if not bool(bad.any()):  # host tensor: no device sync
             return labels
         bad_index = torch.nonzero(bad).reshape(-1)
         messages = []
@@ -207,13 +239,17 @@ class DaliRecordIOSource(BatchSource):
             raise ValueError(messages[0])
         self.skipped.extend(messages)
         replacement = good[torch.arange(bad_index.numel()) % good.numel()]
-        images[bad_index] = images[replacement]
+        images[bad_index.to(images.device)] = images[replacement.to(images.device)]
         labels = labels.clone()
         labels[bad_index] = labels[replacement]
         return labels
 
     def report(self) -> dict:
         return {"skipped_corrupt": len(self.skipped), "skipped_examples": self.skipped[:5]}
+
+    def describe(self) -> str:
+        decode = f"mixed decode on cuda:{torch.cuda.current_device()}" if self.use_gpu else "cpu decode"
+        return f"recordio {self.rec_path} via dali ({decode}), {self.num_threads} threads"
 
     def close(self) -> None:
         if getattr(self, "_tmpdir", None):

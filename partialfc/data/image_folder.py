@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from partialfc.data.augment import IndexedSampleSource
+from partialfc.data.recordio import MissingDataFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -20,7 +21,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def list_identity_folders(root: str) -> Tuple[List[str], List[str], np.ndarray, int]:
     """(identity names, image paths, labels, skipped non-image files) under ``root``."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: image folder root is missing or not a directory")
+        raise MissingDataFileError(f"{root}: image folder root is missing or not a directory")
     identities = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     paths: List[str] = []
     labels: List[int] = []
@@ -59,6 +60,9 @@ class ImageFolderSource(IndexedSampleSource):
         if len(self) == 0:
             raise ValueError(f"{root}: empty shard: {self.num_samples} images over {world_size} "
                              f"ranks cannot fill one batch of {batch_size}")
+
+    def describe(self) -> str:
+        return f"image folder {self.root} via torch DataLoader (cpu decode), {self.num_workers} workers"
 
     def fetch(self, sample_id: int) -> Tuple[bytes, int, str]:
         path = self.paths[sample_id]

@@ -4,10 +4,11 @@ Input is one folder per identity (labels ``0 .. N-1`` in sorted folder-name orde
 ``ImageFolderSource`` assigns them) or an MXNet ``.lst`` (``index<TAB>label..<TAB>path``
 relative to IMAGE_DIR). Output is ``OUT_PREFIX.rec``, ``OUT_PREFIX.idx`` (keys
 ``0 .. N-1``, plain image records, which both DALI and the native reader take as is)
-and ``property`` beside them.
+and ``property`` beside them; missing parent folders of OUT_PREFIX are created.
 
 Already-aligned 112x112 JPEGs are stored byte for byte; anything else is decoded,
-resized to 112x112 and re-encoded. Everything is written under temporary names and
+resized to 112x112 and re-encoded. Files the training loaders would refuse (not an
+image, truncated, larger than ``decode.MAX_IMAGE_PIXELS``) are skipped and listed. Everything is written under temporary names and
 renamed at the end (``.idx`` last), so an interrupted pack never leaves files that look
 complete.
 """
@@ -21,7 +22,7 @@ from multiprocessing import Pool
 from typing import List, Optional, Sequence, Tuple
 
 from partialfc.atomic_io import atomic_output_path
-from partialfc.data.augment import IMAGE_SIZE
+from partialfc.data.decode import IMAGE_SIZE, CorruptImageError, checked_image
 from partialfc.data.image_folder import list_identity_folders
 from partialfc.data.recordio import IRHeader, frame, pack
 from partialfc.data.recordio_source import write_property
@@ -58,28 +59,37 @@ def read_lst(lst_path: str, image_dir: str) -> List[Item]:
     return items
 
 
-def encode_item(args: Tuple[Item, int]) -> Tuple[int, Optional[bytes], str]:
-    """(key, framed record or None when the file is not a readable image, message)."""
-    (key, labels, path), quality = args
-    from PIL import Image, UnidentifiedImageError
+def _stored_bytes(image, data: bytes, quality: int) -> bytes:
+    """``data`` itself for an aligned 112x112 RGB JPEG, else a re-encoded 112x112 JPEG."""
+    from PIL import Image
 
+    if image.format == "JPEG" and image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB":
+        image.load()  # fail here, not in training, on a truncated JPEG
+        return data
+    image = image.convert("RGB")
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def encode_item(args: Tuple[Item, int]) -> Tuple[int, Optional[bytes], str]:
+    """(key, framed record or None when the file is not a readable image, message).
+
+    Decoding goes through ``decode.checked_image``: what the loaders would refuse
+    (undecodable, over ``MAX_IMAGE_PIXELS``, a format DALI lacks) is skipped here.
+    """
+    (key, labels, path), quality = args
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-        with Image.open(io.BytesIO(data)) as image:
-            keep = image.format == "JPEG" and image.size == (IMAGE_SIZE, IMAGE_SIZE) \
-                and image.mode == "RGB"
-            if not keep:
-                image = image.convert("RGB")
-                if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=quality)
-                data = buffer.getvalue()
-            else:
-                image.load()  # fail here, not in training, on a truncated JPEG
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        return key, None, f"{path}: not a readable image ({error})"
+    except OSError as error:
+        return key, None, f"{path}: cannot read ({error.strerror})"
+    try:
+        data = checked_image(data, path, lambda image: _stored_bytes(image, data, quality))
+    except CorruptImageError as error:
+        return key, None, str(error)
     label = labels[0] if len(labels) == 1 else list(labels)
     return key, frame(pack(IRHeader(0, label, key, 0), data)), ""
 
@@ -104,8 +114,11 @@ def pack_dataset(image_dir: str, out_prefix: str, workers: int = 1, quality: int
     if not items:
         raise PackError(f"{image_dir}: no images to pack")
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
-    if not os.path.isdir(out_dir):
-        raise PackError(f"{out_dir}: output directory does not exist")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise PackError(f"{out_dir}: cannot create the output directory ({error.strerror})") \
+            from None
 
     from tqdm import tqdm
 

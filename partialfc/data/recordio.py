@@ -17,7 +17,7 @@ import numbers
 import os
 import struct
 from collections import namedtuple
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +35,35 @@ IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 
 class CorruptRecordError(ValueError):
     """A record that cannot be read; the message names the file, key and offset."""
+
+
+class MissingRecordError(CorruptRecordError, KeyError):
+    """A key the index does not list (a ``KeyError`` too, for lookups by key)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataFileError(ValueError):
+    """A data set file that is missing or unreadable; the message names it and the fix.
+
+    A ``ValueError`` so every command line prints it as one line (the trainer turns
+    ``ValueError`` into ``error: ...`` and exit 2)."""
+
+
+class MissingDataFileError(DataFileError, FileNotFoundError):
+    """A missing ``.rec`` / ``.idx`` (also a ``FileNotFoundError`` for callers catching that)."""
+
+
+def missing_index_error(idx_path: str, rec_path: str) -> MissingDataFileError:
+    prefix = rec_path[:-4] if rec_path.endswith(".rec") else rec_path
+    return MissingDataFileError(
+        f"{idx_path} is missing (expected next to {rec_path}); rebuild it with: "
+        f"python -m partialfc.data.reindex {prefix}")
+
+
+def missing_record_file_error(rec_path: str) -> MissingDataFileError:
+    return MissingDataFileError(f"{rec_path}: record file is missing")
 
 
 # ---------------------------------------------------------------------------
@@ -129,13 +158,14 @@ def frame(payload: bytes) -> bytes:
     return bytes(out)
 
 
-def read_framed(buffer, offset: int, where: str) -> Tuple[bytes, int]:
-    """Read the record at ``offset`` of ``buffer``; return (payload, end offset).
+def framed_parts(buffer, offset: int, where: str) -> Tuple[List[Tuple[int, int]], int]:
+    """(start, length) of every part of the record at ``offset``, and its end offset.
 
-    ``where`` names the file and record for the error message.
+    Validates the chain without copying payload bytes; ``where`` names the file and
+    record for the error message.
     """
     size = len(buffer)
-    chunks = []
+    parts: List[Tuple[int, int]] = []
     while True:
         if offset + 8 > size:
             raise CorruptRecordError(f"{where}: truncated record header at byte {offset} "
@@ -145,17 +175,46 @@ def read_framed(buffer, offset: int, where: str) -> Tuple[bytes, int]:
             raise CorruptRecordError(f"{where}: bad magic 0x{magic:08x} at byte {offset}")
         flag, length = lrecord >> 29, lrecord & _LENGTH_MASK
         # A record is flag 0 alone, or 1, (2)*, 3; anything else is a broken chain.
-        if flag > 3 or (not chunks and flag in (2, 3)) or (chunks and flag in (0, 1)):
+        if flag > 3 or (not parts and flag in (2, 3)) or (parts and flag in (0, 1)):
             raise CorruptRecordError(f"{where}: unexpected continuation flag {flag} "
                                      f"at byte {offset}")
         start = offset + 8
         if start + length > size:
             raise CorruptRecordError(f"{where}: length {length} at byte {offset} runs past "
                                      f"the end of the file ({size} bytes)")
-        chunks.append(buffer[start:start + length])
+        parts.append((start, length))
         offset = start + ((length + 3) & ~3)
         if flag in (0, 3):
-            return _MAGIC_BYTES.join(chunks), offset
+            return parts, offset
+
+
+def read_framed(buffer, offset: int, where: str) -> Tuple[bytes, int]:
+    """Read the record at ``offset`` of ``buffer``; return (payload, end offset)."""
+    parts, end = framed_parts(buffer, offset, where)
+    return _MAGIC_BYTES.join(buffer[start:start + length] for start, length in parts), end
+
+
+def broken_framing(rec_path: str, offsets: np.ndarray) -> np.ndarray:
+    """Bool mask of offsets whose first record header is unreadable (vectorized).
+
+    Checks magic, the continuation flag and that the length stays inside the file, for
+    millions of records in seconds; it does not read payloads (``read_framed`` does).
+    """
+    size = os.path.getsize(rec_path)
+    offsets = np.asarray(offsets, np.int64)
+    broken = (offsets < 0) | (offsets + 8 > size)
+    if size < 8:
+        return broken
+    data = np.memmap(rec_path, np.uint8, mode="r")
+    for start in range(0, offsets.size, 1 << 20):  # 1 M records at a time: small temporaries
+        ok = np.flatnonzero(~broken[start:start + (1 << 20)]) + start
+        heads = np.ascontiguousarray(data[offsets[ok, None] + np.arange(8)]).view("<u4")
+        flag, length = heads[:, 1] >> 29, heads[:, 1] & _LENGTH_MASK
+        bad = (heads[:, 0] != MAGIC) | (flag > 1) | \
+            (offsets[ok] + 8 + length.astype(np.int64) > size)
+        broken[ok[bad]] = True
+    del data
+    return broken
 
 
 # ---------------------------------------------------------------------------
@@ -171,9 +230,14 @@ class IndexedRecordReader:
     def __init__(self, idx_path: str, rec_path: str, use_cache: bool = True):
         self.idx_path, self.rec_path = idx_path, rec_path
         if not os.path.exists(rec_path):
-            raise FileNotFoundError(f"{rec_path}: record file is missing")
-        self.keys, self.offsets = load_index(idx_path, use_cache)
-        self._file = open(rec_path, "rb")
+            raise missing_record_file_error(rec_path)
+        if not os.path.exists(idx_path):
+            raise missing_index_error(idx_path, rec_path)
+        try:
+            self.keys, self.offsets = load_index(idx_path, use_cache)
+            self._file = open(rec_path, "rb")
+        except (PermissionError, IsADirectoryError) as error:
+            raise DataFileError(f"{error.filename}: cannot read ({error.strerror})") from None
         size = os.fstat(self._file.fileno()).st_size
         self._buffer = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         self._contiguous = bool(self.keys.size == 0 or (
@@ -194,7 +258,7 @@ class IndexedRecordReader:
             found = int(np.searchsorted(self.keys, key, sorter=self._sorted_order))
             position = int(self._sorted_order[found]) if found < self.keys.size else -1
         if position < 0 or position >= self.keys.size or int(self.keys[position]) != int(key):
-            raise KeyError(f"{self.idx_path}: no record with key {key}")
+            raise MissingRecordError(f"{self.idx_path}: no record with key {key}")
         return position
 
     def read_at(self, position: int) -> bytes:

@@ -10,6 +10,7 @@ loader (``dali.py``) is selected with ``loader = "dali"``.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple
 
@@ -18,7 +19,9 @@ import numpy as np
 from partialfc.atomic_io import atomic_write_text
 from partialfc.data.augment import IndexedSampleSource
 from partialfc.data.base import BatchSource
-from partialfc.data.recordio import CorruptRecordError, IndexedRecordReader, label_of, unpack
+from partialfc.data.recordio import (CorruptRecordError, DataFileError, IndexedRecordReader,
+                                     MissingRecordError, label_of, missing_index_error,
+                                     missing_record_file_error, unpack)
 
 
 def read_property(prefix_dir: str) -> Optional[Tuple[int, int, int]]:
@@ -26,8 +29,11 @@ def read_property(prefix_dir: str) -> Optional[Tuple[int, int, int]]:
     path = os.path.join(prefix_dir, "property")
     if not os.path.exists(path):
         return None
-    with open(path, encoding="ascii", errors="replace") as handle:
-        text = handle.read().strip()
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            text = handle.read().strip()
+    except OSError as error:
+        raise DataFileError(f"{path}: cannot read ({error.strerror})") from None
     try:
         values = tuple(int(float(part)) for part in text.split(","))
     except ValueError:
@@ -59,15 +65,41 @@ def image_key_layout(reader: IndexedRecordReader) -> Tuple[np.ndarray, Optional[
     return np.asarray(reader.keys, dtype=np.int64), None
 
 
+def declared_num_classes(directory: str,
+                         header_range: Optional[Tuple[int, int]]) -> Tuple[Optional[int], str]:
+    """(class count, where it came from) as training resolves it without an argument:
+    ``<directory>/property`` first, then the face2rec2 header's identity range;
+    (None, "label scan") when the set declares neither (training then takes the
+    largest label + 1)."""
+    property_values = read_property(directory)
+    if property_values is not None:
+        return property_values[0], os.path.join(directory, "property")
+    if header_range is not None:
+        return header_range[1] - header_range[0], "header record"
+    return None, "label scan"
+
+
+def label_problem(label: float, num_classes: Optional[int], source: str) -> Optional[str]:
+    """Why training refuses ``label`` (None when it is fine): the one rule for every tool."""
+    if math.isfinite(label) and label == int(label) and label >= 0 and \
+            (num_classes is None or label < num_classes):
+        return None
+    if num_classes is None:
+        return f"label {label:g} is not a class id (a non-negative integer)"
+    return (f"label {label:g} is outside [0, num_classes={num_classes}) "
+            f"(num_classes from {source})")
+
+
 def split_prefix(prefix: str) -> Tuple[str, str, str]:
     """``PREFIX`` (or ``PREFIX.rec`` / ``PREFIX.idx``) -> (rec path, idx path, directory)."""
     base, ext = os.path.splitext(prefix)
     if ext in (".rec", ".idx"):
         prefix = base
     rec_path, idx_path = prefix + ".rec", prefix + ".idx"
-    for path, what in ((rec_path, "record file"), (idx_path, "index file")):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: {what} is missing (prefix {prefix!r})")
+    if not os.path.exists(rec_path):
+        raise missing_record_file_error(rec_path)
+    if not os.path.exists(idx_path):
+        raise missing_index_error(idx_path, rec_path)
     return rec_path, idx_path, os.path.dirname(os.path.abspath(prefix))
 
 
@@ -89,15 +121,10 @@ class RecordDataset:
         self.first_key = 1 if self.header_range else None
         self.num_classes_source = "argument"
         if num_classes is None:
-            prop = read_property(directory)
-            if prop is not None:
-                num_classes, self.num_classes_source = prop[0], os.path.join(directory, "property")
-            elif self.header_range is not None:
-                num_classes = self.header_range[1] - self.header_range[0]
-                self.num_classes_source = "header record"
-            else:
+            num_classes, self.num_classes_source = declared_num_classes(directory,
+                                                                        self.header_range)
+            if num_classes is None:
                 num_classes = self._scan_max_label() + 1
-                self.num_classes_source = "label scan"
         if num_classes <= 0:
             raise ValueError(f"{self.rec_path}: num_classes must be positive, got {num_classes} "
                              f"(from {self.num_classes_source})")
@@ -107,6 +134,22 @@ class RecordDataset:
         if self.first_key is None:
             return int(sample_id)
         return self.reader.position_of(self.first_key + int(sample_id))
+
+    def image_positions(self) -> np.ndarray:
+        """Index positions of every image record in sample order (vectorized: no per-key
+        Python for the 5.8 M records of a web-scale set)."""
+        if self.first_key is None:
+            return np.arange(self.num_images, dtype=np.int64)
+        keys = np.asarray(self.reader.keys, np.int64)
+        wanted = np.arange(self.first_key, self.first_key + self.num_images, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        found = np.minimum(np.searchsorted(keys, wanted, sorter=order), max(keys.size - 1, 0))
+        positions = order[found] if keys.size else np.zeros(0, np.int64)
+        missing = keys[positions] != wanted if keys.size else np.ones(wanted.size, bool)
+        if missing.any():
+            raise MissingRecordError(f"{self.idx_path}: no record with key "
+                                     f"{int(wanted[np.argmax(missing)])}")
+        return positions
 
     def key(self, sample_id: int) -> int:
         return int(self.reader.keys[self.position(sample_id)])
@@ -120,7 +163,7 @@ class RecordDataset:
         for sample_id in range(self.num_images):
             try:
                 largest = max(largest, int(self.label_at(sample_id)))
-            except ValueError:
+            except (ValueError, OverflowError):  # unreadable, NaN or infinite: fails at use
                 continue
         return largest
 
@@ -134,9 +177,9 @@ class RecordDataset:
         except ValueError as error:
             raise CorruptRecordError(f"{where}: {error}") from None
         label = label_of(header)
-        if label != int(label) or not 0 <= label < self.num_classes:
-            raise ValueError(f"{where}: label {label:g} is outside [0, num_classes="
-                             f"{self.num_classes}) (num_classes from {self.num_classes_source})")
+        problem = label_problem(label, self.num_classes, self.num_classes_source)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
         return body, int(label), where
 
     def close(self) -> None:
@@ -160,6 +203,9 @@ class RecordIOSource(IndexedSampleSource):
 
     def fetch(self, sample_id: int) -> Tuple[bytes, int, str]:
         return self.dataset.fetch(sample_id)
+
+    def describe(self) -> str:
+        return f"recordio {self.dataset.rec_path} via torch DataLoader (cpu decode), {self.num_workers} workers"
 
     def labels_of_epoch(self, epoch: int) -> np.ndarray:
         """The label stream of an epoch without decoding images (tests, debugging)."""

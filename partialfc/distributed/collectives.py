@@ -12,6 +12,12 @@ constants. From that rule follow the backward passes below:
   ``exp(lse_r - lse)``, computable locally -> no communication in backward.
 * ``sum_across_ranks_local_grad``: ``t = sum_r t_r`` with d t / d t_r = 1 -> the
   gradient passes through unchanged, again with no communication.
+* ``all_reduce_with_grad``: ``s = sum_r a_r`` that every rank then *uses* in its own
+  share of the loss (the geodesic inter-loss sends each sample's target center to all
+  ranks this way), so d loss / d a_r is the sum over ranks of their partial gradients
+  -> all-reduce (sum) in backward.
+* ``all_gather_batch``: the head's gather of a batch whose size may differ per rank
+  (padding, then dropping the pad rows), plus where this rank's rows start.
 
 All functions take the process group explicitly; ``group=None`` with no initialized
 process group means one rank, and every function is then the identity, which is how
@@ -23,6 +29,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from partialfc.step_timer import phase
 
 ProcessGroup = Optional["dist.ProcessGroup"]
 
@@ -49,7 +57,8 @@ def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torc
         return tensor
     tensor = tensor.contiguous()
     out = tensor.new_empty((world_size(group) * tensor.shape[0], *tensor.shape[1:]))
-    _all_gather_single(out, tensor, group=group)
+    with phase("communication"):  # step_timer: a no-op unless the trainer installed a timer
+        _all_gather_single(out, tensor, group=group)
     return out
 
 
@@ -66,7 +75,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         grad_input = grad_output.new_empty((grad_output.shape[0] // size, *grad_output.shape[1:]))
         # Sum of every rank's partial gradient for this rank's slice.
-        _reduce_scatter_single(grad_input, grad_output, op=dist.ReduceOp.SUM, group=group)
+        with phase("communication"):
+            _reduce_scatter_single(grad_input, grad_output, op=dist.ReduceOp.SUM, group=group)
         return grad_input, None
 
 
@@ -82,9 +92,11 @@ class _GlobalLogSumExp(torch.autograd.Function):
     def forward(ctx, local_lse: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         # Max first so exp() cannot overflow: M = max_r lse_r, S = sum_r exp(lse_r - M).
         global_max = local_lse.detach().clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        with phase("communication"):
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         sum_exp = torch.exp(local_lse - global_max)
-        dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+        with phase("communication"):
+            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
         global_lse = global_max + torch.log(sum_exp)
         ctx.save_for_backward(local_lse, global_lse)
         return global_lse
@@ -107,7 +119,8 @@ class _SumLocalGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         total = tensor.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        with phase("communication"):
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         return total
 
     @staticmethod
@@ -120,3 +133,56 @@ def sum_across_ranks_local_grad(tensor: torch.Tensor, group: ProcessGroup = None
     if not is_distributed(group):
         return tensor
     return _SumLocalGrad.apply(tensor, group)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _SumLocalGrad.forward(ctx, tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        # Every rank used the sum in its share of the loss: this rank's input gets all of them.
+        grad_input = grad_output.contiguous().clone()
+        with phase("communication"):
+            dist.all_reduce(grad_input, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad_input, None
+
+
+def all_reduce_with_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """All-reduce(SUM) used by every rank downstream; backward all-reduces the gradient."""
+    if not is_distributed(group):
+        return tensor
+    return _AllReduceWithGrad.apply(tensor, group)
+
+
+def all_gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, group: ProcessGroup = None,
+                     expected_size: Optional[int] = None):
+    """``(gathered embeddings, gathered labels, offset)`` of a batch split over the ranks.
+
+    Rows are in rank order; ``offset`` is where this rank's own rows start in the
+    gathered batch (a host int). The embeddings' gather is differentiable. Ranks may
+    hold different batch sizes (the last batch of an epoch): then every rank pads to the
+    largest, gathers, and drops the pad rows. ``expected_size``: the size every rank was
+    promised (the trainer's micro-batch), so the sizes need no gather and no host sync
+    (``partialfc.distributed.batch_sizes``).
+    """
+    if not is_distributed(group):
+        return embeddings, labels, 0
+    from partialfc.distributed.batch_sizes import batch_sizes  # it builds on this module
+
+    # Without a promised size: one tiny collective + host sync, since all_gather needs
+    # equal shapes and the offset of this rank's rows is needed on the host to slice them.
+    sizes = batch_sizes(embeddings.shape[0], embeddings.device, group, expected_size)
+    offset = sum(sizes[:rank(group)])
+    max_size = max(sizes)
+    if max_size == min(sizes):
+        return all_gather_with_grad(embeddings, group), all_gather_no_grad(labels, group), offset
+    pad = max_size - embeddings.shape[0]
+    padded = torch.nn.functional.pad(embeddings, (0, 0, 0, pad))
+    padded_labels = torch.nn.functional.pad(labels, (0, pad), value=-1)
+    gathered = all_gather_with_grad(padded, group)
+    gathered_labels = all_gather_no_grad(padded_labels, group)
+    valid = torch.cat([torch.arange(max_size, device=labels.device) < s for s in sizes])
+    return gathered[valid], gathered_labels[valid], offset

@@ -25,6 +25,24 @@ Gradient accumulation (``accumulate = k``): call ``forward``/``backward`` k time
 add up to one k-times batch, in the head (sparse gradients accumulate; the row-sparse
 optimizers coalesce them) and in the backbone. DDP skips its all-reduce on the first
 k - 1 micro-batches (``no_sync``); DeepSpeed counts micro-steps itself.
+
+Memory format and compilation (``train.channels_last``, ``train.compile``)
+--------------------------------------------------------------------------
+With ``channels_last`` the engine converts every input batch to channels_last strides
+in ``forward`` (both engines) and, under DDP, the backbone's 4-d weights once before
+wrapping. DeepSpeed keeps the weights as views into its flat fp32/bf16 buffers, which
+are NCHW-contiguous by construction; converting them would detach the module from
+those buffers, so under DeepSpeed only the input is converted (torch's cuDNN path picks
+NHWC kernels when the input is channels_last and converts the weight per call, a copy
+of a few MB; not yet measured against DDP on a GPU).
+
+``compile = "backbone"`` trains through ``torch.compile`` of the backbone. Under DDP
+the compiled module is what DDP wraps (torch's recommendation: compile the inner
+module, so DDP's hooks and ``no_sync`` stay eager and its bucketing splits the graph),
+and ``engine.module`` stays the plain module: evaluation, saving and export run eager.
+Under DeepSpeed the engine's own ``compile`` hook compiles the module in place, so
+evaluation through ``engine.module`` runs compiled too (one extra compilation for
+eval mode).
 """
 from __future__ import annotations
 
@@ -40,12 +58,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from partialfc import step_timer
 from partialfc.distributed import collectives
 from partialfc.distributed.parallelize import wrap_backbone
+from partialfc.models.memory_format import images_to_channels_last, module_to_channels_last
 
 ENGINES = ("ddp", "deepspeed")
 AMP_MODES = ("none", "fp16", "bf16")
 ZERO_STAGES = (1, 2)
+COMPILE_MODES = ("none", "backbone")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], "torch.optim.lr_scheduler.LRScheduler"]
@@ -68,12 +89,13 @@ class BackboneEngine:
     optimizer: Optimizer
     scheduler: object
 
-    def __init__(self, module: nn.Module, accumulate: int, world_size: int) -> None:
+    def __init__(self, module: nn.Module, accumulate: int, world_size: int, channels_last: bool = False) -> None:
         if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
             raise ValueError(f"train.accumulate must be an int >= 1, got {accumulate!r}")
         self.module = module
         self.accumulate = accumulate
         self.world_size = world_size
+        self.channels_last = bool(channels_last)
         self.micro_step = 0  # micro-batches back-propagated since the last optimizer step
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -87,7 +109,10 @@ class BackboneEngine:
         """Backbone embeddings, detached from the backbone's graph (see ``backward``)."""
         if self._pending is not None:
             raise RuntimeError("forward() called twice without backward(); one backward per forward")
-        output = self._forward(images)
+        with step_timer.phase("backbone_forward"):  # a no-op unless a StepTimer is installed
+            if self.channels_last:
+                images = images_to_channels_last(images)
+            output = self._forward(images)
         leaf = output.detach().requires_grad_(True)
         self._pending = (output, leaf)
         return leaf
@@ -100,9 +125,11 @@ class BackboneEngine:
             raise ValueError(f"backward() expects a scalar loss, got shape {tuple(loss.shape)}")
         output, leaf = self._pending
         self._pending = None
-        (loss / self.accumulate).backward()
+        with step_timer.phase("head"):
+            (loss / self.accumulate).backward()
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        self._backward_backbone(output, grad.to(output.dtype))
+        with step_timer.phase("backbone_backward"):
+            self._backward_backbone(output, grad.to(output.dtype))
         self.micro_step += 1
 
     def clip_and_step(self) -> Optional[torch.Tensor]:
@@ -114,7 +141,8 @@ class BackboneEngine:
         if self.micro_step != self.accumulate:
             raise RuntimeError(f"clip_and_step() after {self.micro_step} micro-batches; "
                                f"train.accumulate = {self.accumulate}")
-        norm = self._step()
+        with step_timer.phase("optimizer"):
+            norm = self._step()
         self.micro_step = 0
         return norm
 
@@ -158,9 +186,14 @@ class DDPEngine(BackboneEngine):
 
     def __init__(self, backbone: nn.Module, *, device: torch.device, make_optimizer: OptimizerFactory,
                  make_scheduler: SchedulerFactory, amp: str, clip_grad_norm: float, accumulate: int,
-                 process_group=None) -> None:
-        super().__init__(backbone, accumulate, collectives.world_size(process_group))
-        self.model = wrap_backbone(backbone, device, process_group)
+                 process_group=None, channels_last: bool = False, compile_mode: str = "none",
+                 compile_backend: str = "inductor") -> None:
+        super().__init__(backbone, accumulate, collectives.world_size(process_group), channels_last)
+        if self.channels_last:
+            module_to_channels_last(backbone)  # before DDP builds its buckets from the parameters
+        trained = torch.compile(backbone, backend=compile_backend) if compile_mode == "backbone" else backbone
+        self.model = wrap_backbone(trained, device, process_group)
+        self.distributed = self.model is not trained  # DDP-wrapped: no_sync applies
         self.optimizer = make_optimizer(_trainable(backbone))
         self.scheduler = make_scheduler(self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -169,7 +202,7 @@ class DDPEngine(BackboneEngine):
     def _forward(self, images):
         # DDP decides at forward time whether this backward all-reduces: skip it on
         # every micro-batch but the last of an accumulation window.
-        skip_sync = not self.closes_window and self.model is not self.module
+        skip_sync = not self.closes_window and self.distributed
         with self.model.no_sync() if skip_sync else contextlib.nullcontext():
             return self.model(images)
 
@@ -305,7 +338,8 @@ class DeepSpeedEngine(BackboneEngine):
     def __init__(self, backbone: nn.Module, *, device: torch.device, make_optimizer: OptimizerFactory,
                  make_scheduler: SchedulerFactory, amp: str, clip_grad_norm: float, accumulate: int,
                  micro_batch_size: int, zero_stage: int = 1, user_json: Optional[str] = None,
-                 process_group=None) -> None:
+                 process_group=None, channels_last: bool = False, compile_mode: str = "none",
+                 compile_backend: str = "inductor") -> None:
         import deepspeed  # optional dependency, imported only when chosen
 
         if process_group is not None and process_group is not dist.group.WORLD:
@@ -313,7 +347,8 @@ class DeepSpeedEngine(BackboneEngine):
         if not dist.is_initialized():
             raise ValueError("train.engine = deepspeed needs torch.distributed to be initialized "
                              "(run under torchrun; one process works with --nproc_per_node=1)")
-        super().__init__(backbone, accumulate, dist.get_world_size())
+        # channels_last: the input only; see the module docstring for why not the weights.
+        super().__init__(backbone, accumulate, dist.get_world_size(), channels_last)
         if self.world_size == 1:  # one process without torchrun: DeepSpeed asserts these exist
             for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
@@ -328,6 +363,8 @@ class DeepSpeedEngine(BackboneEngine):
             model=backbone, optimizer=client_optimizer, lr_scheduler=scheduler, config=self.config,
             dist_init_required=False)
         self.module = self.ds_engine.module
+        if compile_mode == "backbone":
+            self.ds_engine.compile(backend=compile_backend)
         self.device = device
         self.clip_grad_norm = float(clip_grad_norm)
 
@@ -518,19 +555,28 @@ class DeepSpeedEngine(BackboneEngine):
 def build_engine(kind: str, backbone: nn.Module, *, device: torch.device, make_optimizer: OptimizerFactory,
                  make_scheduler: SchedulerFactory, amp: str = "none", clip_grad_norm: float = 0.0,
                  accumulate: int = 1, micro_batch_size: int = 1, zero_stage: int = 1,
-                 user_json: Optional[str] = None, process_group=None) -> BackboneEngine:
+                 user_json: Optional[str] = None, process_group=None, channels_last: bool = False,
+                 compile_mode: str = "none", compile_backend: str = "inductor") -> BackboneEngine:
     """Wrap ``backbone`` (already on ``device``) in the engine named by ``train.engine``.
 
     ``make_optimizer(params)`` builds the backbone's torch optimizer and
     ``make_scheduler(optimizer)`` its per-step schedule; both engines use them, so
     DDP and DeepSpeed train with the same update rule.
+
+    ``channels_last`` is the resolved ``train.channels_last``
+    (``partialfc.models.memory_format.resolve_channels_last``), ``compile_mode`` is
+    ``train.compile``. ``compile_backend`` is a private knob for tests (``aot_eager``
+    checks the compiled path's numerics without inductor's C++ build); runs use inductor.
     """
     if amp not in AMP_MODES:
         raise ValueError(f"train.amp must be one of {AMP_MODES}, got {amp!r}")
     if clip_grad_norm < 0:
         raise ValueError(f"optim.clip_grad_norm must be >= 0, got {clip_grad_norm!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be one of {COMPILE_MODES}, got {compile_mode!r}")
     common = dict(device=device, make_optimizer=make_optimizer, make_scheduler=make_scheduler, amp=amp,
-                  clip_grad_norm=clip_grad_norm, accumulate=accumulate, process_group=process_group)
+                  clip_grad_norm=clip_grad_norm, accumulate=accumulate, process_group=process_group,
+                  channels_last=channels_last, compile_mode=compile_mode, compile_backend=compile_backend)
     if kind == "ddp":
         return DDPEngine(backbone, **common)
     if kind == "deepspeed":
@@ -539,4 +585,5 @@ def build_engine(kind: str, backbone: nn.Module, *, device: torch.device, make_o
     raise ValueError(f"train.engine must be one of {ENGINES}, got {kind!r}")
 
 
-__all__ = ["BackboneEngine", "DDPEngine", "DeepSpeedEngine", "ENGINES", "build_engine", "deepspeed_config"]
+__all__ = ["BackboneEngine", "COMPILE_MODES", "DDPEngine", "DeepSpeedEngine", "ENGINES", "build_engine",
+           "deepspeed_config"]

@@ -4,15 +4,36 @@ Nothing happens at import: ``init_runtime`` is called by the entrypoint only. Un
 ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) it initializes the default
 group -- nccl on CUDA, gloo on CPU unless overridden; without it, one process runs
 with no group and every collective in the package is the identity.
+
+Timeouts: start-up (rendezvous, building the model and data, the first step) is
+allowed ``timeout_minutes`` -- ranks legitimately drift apart there (imports, index
+scans, NCCL communicator set-up). With ``collective_timeout`` given (the trainer),
+the first heartbeat shortens the group's timeout to it, and a ``PeerSupervisor``
+(``supervision.py``) names the rank a failed collective waited for.
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from partialfc.distributed.supervision import PeerSupervisor
+
+DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = {"cuda": 10.0, "cpu": 5.0}
+"""``train.collective_timeout = 0``: long enough for a checkpoint write or an evaluation
+on rank 0 while the others wait; short enough that a stalled job ends within minutes."""
+STARTUP_TIMEOUT_MINUTES = 10.0
+"""Rendezvous, building and the first step (at least the collective timeout)."""
+NCCL_WATCHDOG_MARGIN_MINUTES = 1.0
+"""NCCL's own timeout is this much later than ours, so the supervisor's watch thread
+reports the stalled rank before the NCCL watchdog tears the process down."""
+
+
+def _inactive_supervisor() -> PeerSupervisor:
+    return PeerSupervisor(None, 0, 1, 1.0)
 
 
 @dataclass(frozen=True)
@@ -22,6 +43,7 @@ class Runtime:
     world_size: int
     device: torch.device
     backend: str | None
+    supervisor: PeerSupervisor = field(default_factory=_inactive_supervisor, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -41,18 +63,29 @@ def _choose_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_collective_timeout(minutes: float, device: torch.device) -> float:
+    """``train.collective_timeout`` in minutes; 0 picks the device's default."""
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
+        raise ValueError(f"train.collective_timeout must be a number of minutes >= 0, got {minutes!r}")
+    return float(minutes) or DEFAULT_COLLECTIVE_TIMEOUT_MINUTES[device.type]
+
+
 def init_runtime(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0,
-                 require_group: bool = False) -> Runtime:
+                 require_group: bool = False, collective_timeout: float | None = None) -> Runtime:
     """Device and process group from torchrun's environment (one process without it).
 
     A single process normally runs without a process group; ``require_group`` gives it
     a group of one (DeepSpeed cannot run without one), rendezvoused in memory, so
     ``python -m partialfc.train`` works without torchrun either way.
+
+    ``timeout_minutes`` bounds start-up; ``collective_timeout`` (minutes, 0: the
+    device's default; None: no supervision) every collective after the first step.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = _choose_device(device, local_rank)
+    collective_minutes = None if collective_timeout is None else resolve_collective_timeout(collective_timeout, chosen)
     if world_size == 1 and not require_group:
         return Runtime(0, 0, 1, chosen, None)
     if backend == "auto":
@@ -62,13 +95,45 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_minutes: f
     if world_size == 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=chosen if chosen.type == "cuda" else None)
+    startup_minutes = max(timeout_minutes, collective_minutes or 0.0)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        timeout = datetime.timedelta(minutes=startup_minutes)
         dist.init_process_group(
             backend=backend, timeout=timeout, device_id=chosen if chosen.type == "cuda" else None,
             **_restart_scoped_store(rank, world_size, timeout),
         )
-    return Runtime(dist.get_rank(), local_rank, dist.get_world_size(), chosen, backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    supervisor = _inactive_supervisor()
+    if collective_minutes is not None and world_size > 1:
+        supervisor = _build_supervisor(rank, world_size, backend, collective_minutes)
+    return Runtime(rank, local_rank, world_size, chosen, backend, supervisor)
+
+
+def _build_supervisor(rank: int, world_size: int, backend: str, minutes: float) -> PeerSupervisor:
+    """Heartbeats in the rendezvous store (a client of its own: the group's stays untouched).
+
+    With NCCL the group's timeout is set a margin past ours and a watch thread reports
+    (see supervision.py); gloo raises a timed-out collective in the main thread.
+    """
+    group_minutes = minutes + (NCCL_WATCHDOG_MARGIN_MINUTES if backend == "nccl" else 0.0)
+
+    def arm() -> None:
+        # Private but stable since torch 2.2 (torchtitan shortens its timeout after the
+        # first step the same way); without it the start-up timeout stays in force.
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+        except ImportError:
+            return
+        _set_pg_timeout(datetime.timedelta(minutes=group_minutes))
+
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    store = None
+    if address and port:
+        store = dist.TCPStore(address, int(port), world_size, is_master=False,
+                              timeout=datetime.timedelta(minutes=minutes))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return PeerSupervisor(store, rank, world_size, minutes, prefix=f"partialfc/restart{restart}/supervision",
+                          on_arm=arm, watch=backend == "nccl")
 
 
 def _restart_scoped_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
@@ -85,6 +150,22 @@ def _restart_scoped_store(rank: int, world_size: int, timeout: datetime.timedelt
             "world_size": world_size}
 
 
-def shutdown_runtime() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_runtime(runtime: Runtime | None = None, abandon: bool = False, synchronize: bool = False) -> None:
+    """Destroy the group; ``abandon`` after a failed collective only lets the process exit
+    (tearing down a group whose peer is gone can block, NCCL's especially). ``synchronize``
+    (every rank finished the same work, e.g. a completed run) adds a last barrier; never
+    after an error on one rank, where the peers are in another collective."""
+    if runtime is not None:
+        runtime.supervisor.close()
+    if abandon or not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        # A last barrier first: gloo's worker threads release each finished collective's
+        # tensors themselves, which needs the GIL when a tensor has a Python object. If the
+        # interpreter is already finalizing then (the process exits right after the last
+        # collective), the worker thread is torn down inside a destructor and the process
+        # aborts: "terminate called without an active exception" (seen here after a final
+        # checkpoint's all-gather, about 1 exit in 12). A barrier's work holds no Python
+        # tensors, and the earlier works are released by the time it completes.
+        dist.barrier()
+    dist.destroy_process_group()

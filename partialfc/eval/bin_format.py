@@ -17,19 +17,23 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 from typing import List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from partialfc.atomic_io import atomic_output_path
+from partialfc.data.decode import MAX_IMAGE_PIXELS, checked_image
 
 __all__ = [
     "UnsafePickleError",
     "read_bin",
+    "parse_bin",
     "write_bin",
     "decode_image",
     "decode_images",
+    "MAX_IMAGE_PIXELS",
 ]
 
 
@@ -66,6 +70,48 @@ class _PairsUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self._source}: refusing pickle persistent id {pid!r}")
 
 
+# Every opcode a pickle of (bins, issame) needs at any protocol, from Python 2 or 3, and
+# a few harmless ones. The rest (BUILD, object creation, extension codes, out-of-band
+# buffers, bytearrays ...) is refused before unpickling starts: find_class alone stops
+# code from running, but the C unpickler still does odd things with a crafted stream
+# (a protocol-5 buffer over a bytearray prints "SystemError: deallocated bytearray" to
+# stderr, for one).
+_ALLOWED_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+    "EMPTY_LIST", "LIST", "APPEND", "APPENDS", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+    "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "NONE",
+    # Not in a pair list, but harmless: let the structure check name what was found.
+    "FLOAT", "BINFLOAT", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "ADDITEMS", "FROZENSET",
+    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
+    "GLOBAL", "STACK_GLOBAL", "REDUCE",  # only for _codecs.encode, checked by name
+})
+
+
+def _check_opcodes(data: bytes, source: str) -> None:
+    """Refuse, before anything is unpickled, every opcode and global a pair list does not need."""
+    strings: List[str] = []  # the last two text arguments: STACK_GLOBAL's module and name
+    for opcode, argument, position in pickletools.genops(data):
+        if opcode.name not in _ALLOWED_OPCODES:
+            raise UnsafePickleError(
+                f"{source}: refusing pickle opcode {opcode.name} at byte {position}; a verification "
+                ".bin may only contain tuples, lists, bytes and bools"
+            )
+        if opcode.name in ("GLOBAL", "STACK_GLOBAL"):
+            if opcode.name == "GLOBAL":
+                module, _, name = argument.partition(" ")
+            else:  # module and name were pushed as the two texts before it
+                module, name = (["?", "?"] + strings)[-2:]
+            if (module, name) != ("_codecs", "encode"):
+                raise UnsafePickleError(
+                    f"{source}: refusing to load pickle global {module}.{name}; a verification "
+                    ".bin may only contain tuples, lists, bytes and bools"
+                )
+        elif isinstance(argument, str):
+            strings = [strings[-1], argument] if strings else [argument]
+
+
 def _validate(obj, source: str) -> Tuple[List[bytes], np.ndarray]:
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise ValueError(
@@ -96,15 +142,25 @@ def read_bin(path: str | os.PathLike) -> Tuple[List[bytes], np.ndarray]:
     """Read a ``.bin`` file safely; returns ``(bins, issame)`` with ``issame`` a bool array."""
     source = os.fspath(path)
     with open(source, "rb") as handle:
-        data = handle.read()
+        return parse_bin(handle.read(), source)
+
+
+def parse_bin(data: bytes, source: str = "<bytes>") -> Tuple[List[bytes], np.ndarray]:
+    """``read_bin`` on the file's bytes; ``source`` names it in errors."""
     try:
+        _check_opcodes(data, source)
         obj = _PairsUnpickler(io.BytesIO(data), source).load()
     except UnsafePickleError as error:
         if str(error).startswith(source):
             raise
         raise UnsafePickleError(f"{source}: {error}") from error
-    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, IndexError) as error:
-        raise ValueError(f"{source}: not a readable verification .bin pickle ({error})") from error
+    except Exception as error:  # noqa: BLE001
+        # Only plain opcodes and _latin1_encode can run here, so whatever else goes wrong
+        # (truncation, a mangled opcode calling a list, a length field of 2**60 bytes:
+        # UnpicklingError, EOFError, TypeError, AttributeError, OverflowError, MemoryError ...)
+        # is a damaged file, not a bug to show a traceback for.
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(f"{source}: not a readable verification .bin pickle ({detail})") from error
     return _validate(obj, source)
 
 
@@ -121,16 +177,22 @@ def write_bin(path: str | os.PathLike, bins: Sequence[bytes], issame: Sequence[b
 
 
 def decode_image(data: bytes, image_size: Tuple[int, int], source: str = "<bytes>") -> np.ndarray:
-    """Decode one encoded image to uint8 RGB ``(H, W, 3)``, resized to ``image_size`` (H, W)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            height, width = image_size
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"{source}: cannot decode image ({error})") from error
+    """Decode one encoded image to uint8 RGB ``(H, W, 3)``, resized to ``image_size`` (H, W).
+
+    Through ``partialfc.data.decode.checked_image``, the training loaders' decoder rule:
+    the same formats, and a header promising more than ``MAX_IMAGE_PIXELS`` (a
+    decompression bomb: kilobytes on disk, gigabytes decoded) is refused before any pixel
+    is decoded. Errors are ``CorruptImageError`` (a ValueError) naming ``source``.
+    """
+    height, width = image_size
+
+    def to_rgb(image) -> np.ndarray:
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+    return checked_image(data, source, to_rgb)
 
 
 def decode_images(

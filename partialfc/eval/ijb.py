@@ -204,7 +204,7 @@ def _embed_image_list(checkpoint: str, image_dir: str, names: List[str], batch_s
     from partialfc.models import load_backbone
 
     device = torch.device(device) if device else default_device()
-    model = load_backbone(checkpoint).to(device)
+    model = load_backbone(checkpoint, map_location=device)
     chunks = []
     step = batch_size * 16  # decode a slice at a time to bound memory
     for start in range(0, len(names), step):
@@ -242,18 +242,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint and not args.image_dir:
         parser.error("--checkpoint needs --image-dir")
+    from partialfc.eval.cli_errors import run_cli
 
+    return run_cli("ijb", lambda: _run(args))
+
+
+def _load_features(path: str) -> np.ndarray:
+    try:
+        features = np.load(path, allow_pickle=False)
+    except ValueError as error:  # a pickled (object) array, or not a .npy at all
+        raise ValueError(f"{path}: not a numeric .npy feature array ({' '.join(str(error).split())})") from None
+    if not isinstance(features, np.ndarray) or not np.issubdtype(features.dtype, np.number):
+        raise ValueError(f"{path}: expected a numeric (N, D) .npy array, got "
+                         f"{getattr(features, 'dtype', type(features).__name__)}")
+    return features
+
+
+def _run(args: argparse.Namespace) -> int:
     names, template_ids, media_ids = read_template_media(args.templates)
+    template_1, template_2, issame = read_template_pairs(args.pairs)  # checked before any embedding
     if args.features:
-        features = np.load(args.features, allow_pickle=False)
+        features = _load_features(args.features)
     else:
-        features = _embed_image_list(args.checkpoint, args.image_dir, names, args.batch_size, args.device)
+        from partialfc.eval.verification import parse_device
+
+        features = _embed_image_list(args.checkpoint, args.image_dir, names, args.batch_size,
+                                     parse_device(args.device))
     if features.ndim != 2 or features.shape[0] != len(names):
         raise ValueError(
             f"{args.features or args.checkpoint}: features of shape {features.shape} do not match "
             f"{len(names)} records in {args.templates}"
         )
-    template_1, template_2, issame = read_template_pairs(args.pairs)
     ids, template_feats = template_features(features, template_ids, media_ids, args.normalize_images)
     scores = pair_scores(ids, template_feats, template_1, template_2)
     table = roc_table(scores, issame)

@@ -9,6 +9,10 @@ decoded once per process, not at every evaluation.
 CLI::
 
     python -m partialfc.eval.verification CHECKPOINT DATA.bin [DATA2.bin ...] [--batch-size N]
+
+CHECKPOINT is anything ``partialfc.models.inference.load_model`` takes (run directory,
+checkpoints root, step directory, ``backbone.pt``, consolidated file). A bad input
+(checkpoint, ``.bin``, option) is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -208,12 +212,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(name: Optional[str]) -> torch.device:
+    """``--device``: None -> ``default_device()``; an unknown or unavailable device is a ValueError."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {name!r} is not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def check_output_folder(path: Optional[str], option: str) -> None:
+    """Fail before the work, not after it, when a result file cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: output folder does not exist: {folder}")
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m partialfc.eval.verification",
         description="Verification accuracy (10-fold, flip-summed embeddings) on .bin pair sets.",
     )
-    parser.add_argument("checkpoint", help="backbone file, checkpoint step dir, or checkpoints root")
+    parser.add_argument("checkpoint", help="run dir, checkpoints root, step dir, backbone.pt or "
+                                           "consolidated checkpoint file")
     parser.add_argument("bins", nargs="+", help="verification .bin files (lfw.bin, cfp_fp.bin ...)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -222,17 +249,39 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     from partialfc.models import load_backbone  # deferred: the CLI is the only user
 
-    device = torch.device(args.device) if args.device else default_device()
-    model = load_backbone(args.checkpoint).to(device)
-    results = evaluate_bin_sets(model, args.bins, args.batch_size, device, num_folds=args.folds)
-    print(format_results(results))
+    # Everything that can be checked cheaply is checked before the model runs.
+    names = [set_name(path) for path in args.bins]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"verification sets share a name {duplicates}: {args.bins}")
+    for path in args.bins:
+        if not os.path.exists(path):
+            raise ValueError(f"verification set not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: a verification set must be a .bin file, not a directory")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output_folder(args.json, "--json")
+    device = parse_device(args.device)
+    model = load_backbone(args.checkpoint, map_location=device)
+    results: Dict[str, Dict[str, float]] = {}
+    for path in args.bins:  # each set's line as soon as it is known: a bad later set loses nothing
+        result = evaluate_bin_sets(model, [path], args.batch_size, device, num_folds=args.folds)
+        print(format_results(result), flush=True)
+        results.update(result)
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2, sort_keys=True))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from partialfc.eval.cli_errors import run_cli
+
+    args = _parse_args(argv)
+    return run_cli("verification", lambda: _run(args))
 
 
 if __name__ == "__main__":

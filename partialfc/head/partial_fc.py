@@ -8,13 +8,17 @@ One step on every rank (DESIGN.md section 2):
    rank owns the target) the margined target logit -- by the fused kernel, its
    chunked torch twin, or the naive full-logit baseline;
 4. combine across ranks: ``lse = log sum_r exp(lse_r)``, ``t = sum_r t_r``; the loss is
-   ``mean(lse - t)`` over the global batch, identical on every rank.
+   ``mean(lse - t)`` over the global batch, identical on every rank;
+5. optionally add the ArcFace paper's geodesic penalties (intra, inter, triplet; see
+   ``partialfc.head.geodesic``), each a weighted mean over the global batch. With all
+   weights 0 (the default) step 5 is skipped: the loss is exactly steps 1-4.
 
 The centers' gradient is row-sparse (only kept rows), so the optimizer in
 ``partialfc.optim`` touches only those rows and their momentum.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -24,10 +28,13 @@ from torch import nn
 
 from partialfc.distributed import collectives
 from partialfc.distributed.shards import class_shard
+from partialfc.head import geodesic
+from partialfc.head.center_grad_fold import RowGradStash, fold_into
 from partialfc.head.margins import CombinedMargin
 from partialfc.head.sampling import sample_classes, target_positions
 
-HEAD_IMPLS = ("auto", "triton", "torch", "naive")
+HEAD_IMPLS = ("auto", "gemm", "triton", "torch", "naive")
+log = logging.getLogger("partialfc.head")
 
 
 class PartialFC(nn.Module):
@@ -35,6 +42,10 @@ class PartialFC(nn.Module):
 
     ``weight`` is ``(num_local * K, embedding_size)``, row ``c * K + k`` is sub-center
     ``k`` of local class ``c`` (global id ``class_start + c``).
+
+    ``intra_weight``, ``inter_weight``, ``triplet_weight`` (>= 0, default 0 = off) add
+    the geodesic penalties of ``partialfc.head.geodesic`` to the loss, the triplet
+    hinge with margin ``triplet_margin`` radians.
     """
 
     def __init__(
@@ -53,6 +64,10 @@ class PartialFC(nn.Module):
         check_labels: bool = True,
         shard_of: Optional[tuple[int, int]] = None,
         compute_dtype: torch.dtype = torch.float32,
+        intra_weight: float = 0.0,
+        inter_weight: float = 0.0,
+        triplet_weight: float = 0.0,
+        triplet_margin: float = geodesic.DEFAULT_TRIPLET_MARGIN,
     ) -> None:
         super().__init__()
         if not isinstance(margin, CombinedMargin):
@@ -67,6 +82,13 @@ class PartialFC(nn.Module):
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
         if impl not in HEAD_IMPLS:
             raise ValueError(f"head impl must be one of {HEAD_IMPLS}, got {impl!r}")
+        self.geodesic = geodesic.GeodesicPenalties(intra_weight, inter_weight, triplet_weight, triplet_margin)
+        if self.geodesic.inter > 0 and num_classes < 2:
+            raise ValueError(f"inter_weight > 0 needs at least 2 classes, got num_classes={num_classes}")
+        if self.geodesic.inter > 0 and sample_rate < 1.0:
+            log.info("inter-loss at sample_rate %s: the mean angle to the centers kept each step (the batch's "
+                     "classes + a uniform sample), not to all N - 1 others; exact only at sample_rate 1",
+                     sample_rate)
         self.margin = margin
         self.embedding_size = embedding_size
         self.num_classes = num_classes
@@ -76,6 +98,9 @@ class PartialFC(nn.Module):
         self.impl = impl
         self.chunk_size = chunk_size
         self.check_labels = check_labels
+        # Rows every rank holds per forward, when the caller guarantees it (the trainer: every
+        # BatchSource yields full batches). Then the all-gather needs no size exchange (no host sync).
+        self.expected_batch_size: Optional[int] = None
         # Dtype of the gathered embeddings fed to the margin-softmax op: bf16/fp16 halve the
         # all-gather and let the Triton kernel use tensor cores (fp32 accumulation inside).
         self.compute_dtype = compute_dtype
@@ -100,6 +125,8 @@ class PartialFC(nn.Module):
         self.sampling_generator: Optional[torch.Generator] = None
         self.sampling_seed = seed * 100003 + 7919 + self.rank
         self.last_num_sampled = self.num_local
+        # Detached values of the geodesic terms of the last forward (empty when all are off).
+        self.last_geodesic_terms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -107,6 +134,7 @@ class PartialFC(nn.Module):
             f"classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}), "
             f"K={self.num_subcenters}, D={self.embedding_size}, sample_rate={self.sample_rate}, "
             f"impl={self.impl}, margin={self.margin}"
+            + (f", geodesic={self.geodesic}" if self.geodesic.active else "")
         )
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -140,24 +168,9 @@ class PartialFC(nn.Module):
                 raise ValueError(f"label {bad} is outside [0, {self.num_classes}) (num_classes)")
 
     def _gather(self, normalized: torch.Tensor, labels: torch.Tensor):
-        """All-gather embeddings and labels; pads when ranks hold different batch sizes."""
-        group = self.process_group
-        if not collectives.is_distributed(group):
-            return normalized, labels
-        local_size = torch.tensor([normalized.shape[0]], device=normalized.device)
-        # One tiny collective + host sync: the last batch of an epoch may differ in size
-        # between ranks, and all_gather needs equal shapes.
-        sizes = collectives.all_gather_no_grad(local_size, group).tolist()
-        max_size = max(sizes)
-        if max_size == min(sizes):
-            return collectives.all_gather_with_grad(normalized, group), collectives.all_gather_no_grad(labels, group)
-        pad = max_size - normalized.shape[0]
-        padded = F.pad(normalized, (0, 0, 0, pad))
-        padded_labels = F.pad(labels, (0, pad), value=-1)
-        gathered = collectives.all_gather_with_grad(padded, group)
-        gathered_labels = collectives.all_gather_no_grad(padded_labels, group)
-        valid = torch.cat([torch.arange(max_size, device=labels.device) < s for s in sizes])
-        return gathered[valid], gathered_labels[valid]
+        """Gathered embeddings and labels (padded when ranks hold different batch sizes),
+        and the offset of this rank's rows in the gathered batch."""
+        return collectives.all_gather_batch(normalized, labels, self.process_group, self.expected_batch_size)
 
     # ------------------------------------------------------------------ forward
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -165,7 +178,7 @@ class PartialFC(nn.Module):
         self._validate(embeddings, labels)
         labels = labels.to(device=embeddings.device, dtype=torch.long)
         normalized = F.normalize(embeddings.float(), dim=1).to(self.compute_dtype)
-        all_embeddings, all_labels = self._gather(normalized, labels)
+        all_embeddings, all_labels, local_offset = self._gather(normalized, labels)
         if all_labels.numel() == 0:
             raise ValueError("the global batch is empty on every rank")
 
@@ -183,10 +196,49 @@ class PartialFC(nn.Module):
 
         from partialfc.kernels import margin_softmax_stats  # lazy: the Triton module is optional
 
+        weight, stash = self.weight, None
+        if self.geodesic.reads_centers and self.weight.requires_grad and torch.is_grad_enabled():
+            # One alias of the centers for the softmax and the penalties: their row gradients
+            # are added into the softmax's sparse gradient in place, not summed into a copy.
+            stash = RowGradStash(class_index, self.num_subcenters)
+            weight = fold_into(self.weight, stash)
         local_lse, local_target = margin_softmax_stats(
-            all_embeddings, self.weight, class_index, positions, self.num_subcenters, self.margin,
+            all_embeddings, weight, class_index, positions, self.num_subcenters, self.margin,
             impl=self.impl, chunk_size=self.chunk_size,
         )
         lse = collectives.global_logsumexp(local_lse, self.process_group)
         target = collectives.sum_across_ranks_local_grad(local_target, self.process_group)
-        return (lse - target).mean()
+        loss = (lse - target).mean()
+        if self.geodesic.active:
+            loss = loss + self._geodesic_penalty(all_embeddings, all_labels, class_index, positions,
+                                                 local_offset, labels.shape[0], weight, stash)
+        return loss
+
+    def _geodesic_penalty(self, all_embeddings, all_labels, class_index, positions, local_offset, num_local_rows,
+                          weight, stash):
+        """Weighted sum of the switched-on geodesic terms (``partialfc.head.geodesic``)."""
+        from partialfc.kernels.margin_softmax_ref import tile_classes
+
+        penalties, group = self.geodesic, self.process_group
+        # Angles in the centers' precision (fp32), also when the softmax ran in bf16/fp16.
+        x = all_embeddings.to(self.weight.dtype)
+        terms = {}
+        if penalties.intra > 0 or penalties.inter > 0:
+            cos_y, w_y = geodesic.matched_target_centers(x, weight, class_index, positions,
+                                                         self.num_subcenters, stash)
+            if penalties.intra > 0:
+                # Only the owner's entry is nonzero: the sum is the cosine; its gradient stays local.
+                terms["intra"] = geodesic.intra_loss(collectives.sum_across_ranks_local_grad(cos_y, group))
+            if penalties.inter > 0:
+                targets = collectives.all_reduce_with_grad(w_y, group)  # every rank needs every W_y
+                terms["inter"] = geodesic.inter_loss(
+                    targets, weight, class_index, positions, self.num_subcenters,
+                    tile=tile_classes(self.num_subcenters, self.chunk_size),
+                    first_class=0 if self.sample_rate >= 1.0 else None, group=group, stash=stash,
+                )
+        if penalties.triplet > 0:
+            terms["triplet"] = geodesic.angular_triplet_loss(x, all_labels, local_offset, num_local_rows,
+                                                             penalties.triplet_margin, group)
+        self.last_geodesic_terms = {name: value.detach() for name, value in terms.items()}
+        weights = {"intra": penalties.intra, "inter": penalties.inter, "triplet": penalties.triplet}
+        return sum(weights[name] * value for name, value in terms.items())

@@ -42,3 +42,11 @@ def decoded_reference():
         return (array.transpose(2, 0, 1) - 127.5) / 128.0
 
     return decode
+
+
+@pytest.fixture(scope="session")
+def bomb_png_bytes():
+    """A 225-megapixel PNG (~30 KB), built once per session."""
+    from data_helpers import bomb_png
+
+    return bomb_png()

@@ -50,3 +50,41 @@ def write_rec(prefix, records):
             idx.write("%d\t%d\n" % (key, offset))
             rec.write(framed)
             offset += len(framed)
+
+
+# ---------------------------------------------------------------------------- bad payloads
+TEXT_PAYLOAD = b"label,path\n0,faces/0001.jpg\n" * 8  # bytes of no image format
+
+
+def garbage_body_jpeg(rng):
+    """A JPEG whose headers are intact and whose entropy-coded body is random bytes:
+    lenient decoders (libjpeg-turbo in DALI) still return an image, Pillow refuses it."""
+    data = jpeg_bytes(np.clip(smooth_face(rng) + rng.normal(0, 20, (112, 112, 3)), 0, 255)
+                      .astype(np.uint8))
+    body = data.index(b"\xff\xda") + 14  # start of scan + its 12-byte header
+    noise = rng.integers(0, 256, len(data) - body - 2, dtype=np.uint8).tobytes()
+    return data[:body] + noise + b"\xff\xd9"
+
+
+def truncated_jpeg(rng):
+    data = jpeg_bytes(smooth_face(rng))
+    return data[: len(data) // 2]
+
+
+def bomb_png(width=15000, height=15000):
+    """A ``width`` x ``height`` 1-bit grey PNG of zeros, written by hand (no pixel buffer is
+    ever allocated): 225 megapixels in ~30 KB by default. Never decode it."""
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    row = 1 + (width + 7) // 8  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    zero_rows = b"\x00" * (row * 1000)
+    data = b"".join(compressor.compress(zero_rows) for _ in range(height // 1000))
+    data += compressor.compress(b"\x00" * (row * (height % 1000))) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))

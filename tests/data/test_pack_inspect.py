@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import ir_payload, simple_frame, write_rec
+from data_helpers import bomb_png, ir_payload, jpeg_bytes, simple_frame, smooth_face, write_rec
 from partialfc.data import pack as pack_module
 from partialfc.data.inspect import main as inspect_main
 from partialfc.data.pack import main as pack_main
@@ -147,3 +147,63 @@ def test_cli_help():
     result = run_module("partialfc.data.inspect", "/nonexistent/prefix")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "prefix.rec: record file is missing" in result.stderr
+
+
+def test_inspect_reports_labels_training_refuses(tmp_path, capsys):
+    """Negative, fractional and too-large labels (against the header's class count,
+    then against property's) and an empty set: exit 1 with the records named."""
+    jpeg = jpeg_bytes(smooth_face(np.random.default_rng(0)))
+    prefix = str(tmp_path / "labels")
+    labels = {1: 0, 2: -1, 3: 2, 4: 3, 5: 1.5, 6: 1}  # header: identities 7..9, so 3 classes
+    records = [(0, simple_frame(ir_payload(0, b"", flag_labels=[7, 10])))]
+    records += [(key, simple_frame(ir_payload(label, jpeg))) for key, label in labels.items()]
+    write_rec(prefix, records)
+    code, summary = inspect_json(capsys, prefix)
+    assert code == 1 and summary["corrupt"] == []
+    assert summary["bad_labels"] == [2, 4, 5]
+    assert summary["num_classes_for_training"] == 3
+    assert summary["num_classes_source"] == "header record"
+    assert summary["bad_label_reasons"][1] == (f"{prefix}.rec: record 4: label 3 is outside "
+                                               f"[0, num_classes=3) (num_classes from header record)")
+    # The training loader refuses exactly these records.
+    from partialfc.data.recordio_source import RecordDataset
+
+    dataset = RecordDataset(prefix)
+    refused = []
+    for sample_id in range(dataset.num_images):
+        try:
+            dataset.fetch(sample_id)
+        except ValueError:
+            refused.append(dataset.key(sample_id))
+    dataset.close()
+    assert refused == summary["bad_labels"]
+    (tmp_path / "property").write_text("2,112,112\n")  # property wins, as in training
+    code, summary = inspect_json(capsys, prefix)
+    assert code == 1 and summary["bad_labels"] == [2, 3, 4, 5]
+    assert inspect_main([prefix]) == 1
+    captured = capsys.readouterr()
+    assert "labels training refuses: 4" in captured.out
+    assert "problem: 4 records with labels training refuses" in captured.err
+
+    empty = str(tmp_path / "empty" / "set")
+    os.makedirs(os.path.dirname(empty))
+    write_rec(empty, [(0, simple_frame(ir_payload(0, b"", flag_labels=[1, 1])))])
+    code, summary = inspect_json(capsys, empty)
+    assert code == 1 and summary["num_images"] == 0
+    assert "no image records" in summary["problems"][0]
+
+
+def test_pack_creates_the_output_folders_and_skips_a_bomb(face_tree, tmp_path, capsys):
+    root, samples = face_tree
+    with open(os.path.join(root, "id_02", "huge.png"), "wb") as handle:
+        handle.write(bomb_png())
+    prefix = str(tmp_path / "out" / "dir" / "train")
+    assert pack_main([root, prefix, "--workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "huge.png: image exceeds the 16777216-pixel bound" in captured.err
+    assert "skipped 2 non-image files" in captured.out
+    code, summary = inspect_json(capsys, prefix, "--decode")
+    assert code == 0 and summary["num_images"] == len(samples)
+    open(tmp_path / "file", "w").close()
+    assert pack_main([root, str(tmp_path / "file" / "train"), "--quiet"]) == 2
+    assert "cannot create the output directory" in capsys.readouterr().err

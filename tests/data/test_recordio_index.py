@@ -50,3 +50,35 @@ def test_index_cache_is_used_and_invalidated(tmp_path):
     assert keys.tolist() == [0, 1, 2] and offsets.tolist() == [0, 48, 96]
     with pytest.raises(FileNotFoundError, match="missing.idx: index file is missing"):
         load_index(str(tmp_path / "missing.idx"))
+
+
+def test_reindex_rebuilds_a_lost_index(tmp_path, capsys):
+    """Offsets from the independent writer; one record is multi-part (aligned magic word)."""
+    import struct
+
+    from data_helpers import MAGIC_WORD, simple_frame, write_rec
+    from partialfc.data.recordio import frame
+    from partialfc.data.reindex import main as reindex_main
+
+    rng = np.random.default_rng(8)
+    payloads = [rng.integers(0, 255, size, dtype=np.uint8).tobytes() for size in (5, 40, 4, 333)]
+    payloads[2] = b"abcd" + struct.pack("<I", MAGIC_WORD) + b"tail"  # three parts
+    framed = [frame(p) for p in payloads]
+    assert framed[0] == simple_frame(payloads[0]) and (struct.unpack_from("<I", framed[2], 4)[0] >> 29) == 1
+    prefix = str(tmp_path / "set")
+    write_rec(prefix, list(enumerate(framed)))
+    expected = open(prefix + ".idx").read()
+    assert reindex_main([prefix]) == 2  # an existing index is kept
+    assert "set.idx already exists; pass --force" in capsys.readouterr().err
+    os.remove(prefix + ".idx")
+    assert reindex_main([prefix + ".rec"]) == 0
+    assert open(prefix + ".idx").read() == expected
+    assert "4 records" in capsys.readouterr().out
+    # Cut inside the last record: an error naming it, and no index left behind.
+    with open(prefix + ".rec", "r+b") as handle:
+        handle.truncate(os.path.getsize(prefix + ".rec") - 100)
+    assert reindex_main([prefix, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "set.rec: record 3: length 333 at byte" in err and "\n" not in err.strip()
+    assert open(prefix + ".idx").read() == expected  # the old index is untouched
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]

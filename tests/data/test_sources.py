@@ -1,5 +1,6 @@
 """Torch-loader sources (RecordIO and image folder): order, shards, resume, pixels, bad data."""
 import os
+import re
 import struct
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from data_helpers import ir_payload, jpeg_bytes, simple_frame, smooth_face, write_rec
 from partialfc.data.image_folder import ImageFolderSource
 from partialfc.data.pack import pack_dataset
+from partialfc.data.recordio import DataFileError, MissingDataFileError
 from partialfc.data.recordio_source import RecordIOSource, build_recordio_source
 
 
@@ -142,5 +144,60 @@ def test_missing_idx_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="rank 2 is not in"):
         build_recordio_source(prefix, 1, 2, 2, 0, 0, "torch", False, None, "cpu")
     os.remove(prefix + ".idx")
-    with pytest.raises(FileNotFoundError, match=r"bad\.idx: index file is missing"):
+    # A ValueError (the trainer prints those as one line) that says how to recover.
+    for loader in ("torch", "dali"):
+        with pytest.raises(MissingDataFileError, match=re.escape(
+                f"{prefix}.idx is missing (expected next to {prefix}.rec); rebuild it with: "
+                f"python -m partialfc.data.reindex {prefix}")) as caught:
+            build_recordio_source(prefix, 1, 0, 1, 0, 0, loader, False, None, "cpu")
+        assert isinstance(caught.value, ValueError)
+    os.remove(prefix + ".rec")
+    with pytest.raises(ValueError, match=r"bad\.rec: record file is missing"):
         build_recordio_source(prefix, 1, 0, 1, 0, 0, "torch", False, None, "cpu")
+    with pytest.raises(ValueError, match=r"no_such_root: image folder root is missing"):
+        ImageFolderSource(str(tmp_path / "no_such_root"), 1, 0, 1, 0, 0)
+
+
+def test_unreadable_property_and_missing_key_are_one_line_errors(tmp_path):
+    prefix = corrupt_set(tmp_path, [0, 1, 2, 0])
+    os.mkdir(tmp_path / "property")  # exists, cannot be read as a file
+    with pytest.raises(DataFileError, match=r"property: cannot read"):
+        RecordIOSource(prefix, 2, 0, 1, seed=0, num_workers=0)
+    os.rmdir(tmp_path / "property")
+    # The header promises image keys 1..4 but the index lost key 3: skipped and counted,
+    # or one line naming it (it was a bare KeyError before).
+    rng = np.random.default_rng(2)
+    header = simple_frame(ir_payload(0, b"", flag_labels=[5, 7]))
+    images = [(k, simple_frame(ir_payload(k % 2, jpeg_bytes(smooth_face(rng))))) for k in (1, 2, 3, 4)]
+    write_rec(prefix, [(0, header)] + images)
+    lines = open(prefix + ".idx").read().splitlines()
+    open(prefix + ".idx", "w").write("\n".join(line for line in lines if not line.startswith("3\t")) + "\n")
+    lenient = RecordIOSource(prefix, 4, 0, 1, seed=0, num_workers=0, skip_corrupt=True)
+    assert [len(y) for _, y in lenient.epoch(0)] == [4]
+    assert lenient.report()["skipped_corrupt"] == 1
+    assert "bad.idx: no record with key 3" in lenient.report()["skipped_examples"][0]
+    strict = RecordIOSource(prefix, 4, 0, 1, seed=0, num_workers=0)
+    with pytest.raises(ValueError, match=r"bad\.idx: no record with key 3$"):
+        list(strict.epoch(0))
+
+
+def test_train_cli_prints_one_line_for_a_missing_index(tmp_path, capsys):
+    import signal
+
+    from partialfc.train import main as train_main
+
+    prefix = corrupt_set(tmp_path, [0, 1, 2, 0])
+    os.remove(prefix + ".idx")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        code = train_main([os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.toml"),
+                           "--set", f"train.output={tmp_path / 'run'}", "--set", "data.format=recordio",
+                           "--set", f"data.path={prefix}", "--set", "data.loader=torch",
+                           "--set", "data.num_classes=0", "--set", "data.batch_size=2"])
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (f"error [rank 0]: {prefix}.idx is missing (expected next to {prefix}.rec); "
+                           f"rebuild it with: python -m partialfc.data.reindex {prefix}")

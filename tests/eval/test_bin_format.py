@@ -2,14 +2,25 @@
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import pickle
+import random
+import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from eval_helpers import encode_jpeg, encode_png, random_images
-from partialfc.eval.bin_format import UnsafePickleError, decode_images, read_bin, write_bin
+from partialfc.eval.bin_format import (
+    MAX_IMAGE_PIXELS,
+    UnsafePickleError,
+    decode_images,
+    parse_bin,
+    read_bin,
+    write_bin,
+)
 
 
 def test_round_trip_and_decode(tmp_path):
@@ -121,3 +132,50 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 def test_undecodable_image_names_its_index():
     with pytest.raises(ValueError, match="set.bin: image 1: cannot decode"):
         decode_images([encode_png(np.zeros((4, 4, 3), np.uint8)), b"not an image"], (4, 4), "set.bin")
+
+
+def test_damaged_pickles_are_value_errors_only():
+    # Random byte edits of valid files at every protocol: whatever the C unpickler trips on
+    # (a list called as a function, a 2**60-byte length, a buffer opcode at protocol 2),
+    # the reader reports a ValueError naming the file.
+    rng = random.Random(0)
+    valid = [pickle.dumps(([b"ab" * 5, b"cd" * 5, b"ef", b"gh"], [True, False]), protocol=p) for p in range(6)]
+    kinds = set()
+    for _ in range(1500):
+        data = bytearray(rng.choice(valid))
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(data))
+            if rng.random() < 0.5:
+                data[position] = rng.randrange(256)
+            else:
+                del data[position:position + rng.randint(1, 5)]
+        try:
+            parse_bin(bytes(data), "damaged.bin")
+        except ValueError as error:
+            assert str(error).startswith("damaged.bin: "), error
+            kinds.add(str(error).split(":")[1].strip()[:30])
+    assert len(kinds) > 3  # the edits really hit different failure paths
+
+
+def test_buffer_opcodes_are_refused_before_unpickling(tmp_path):
+    path = tmp_path / "buffer.bin"
+    # BYTEARRAY8 spliced into a protocol-2 stream.
+    path.write_bytes(b"\x80\x02]q\x00(\x96\x02\x00\x00\x00\x00\x00\x00\x00abe]q\x01\x88a\x86q\x02.")
+    with pytest.raises(UnsafePickleError, match=r"buffer\.bin: refusing pickle opcode BYTEARRAY8 at byte 6"):
+        read_bin(path)
+
+
+def test_decompression_bombs_are_refused_before_decoding():
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 64
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG")  # valid, a few KB, 17M pixels
+    bound = rf"set.bin: image 1: image of {side}x{side} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel bound"
+    with pytest.raises(ValueError, match=bound):
+        decode_images([encode_png(np.zeros((4, 4, 3), np.uint8)), buffer.getvalue()], (4, 4), "set.bin")
+    # Past PIL's own limit, Image.open raises DecompressionBombError (not an OSError).
+    Image.new("1", (1, 1)).save(buffer := io.BytesIO(), format="PNG")
+    header = bytearray(buffer.getvalue())
+    header[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR width, height
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    with pytest.raises(ValueError, match=f"set.bin: image 0: image exceeds the {MAX_IMAGE_PIXELS}-pixel bound"):
+        decode_images([bytes(header)], (4, 4), "set.bin")

@@ -109,3 +109,48 @@ def test_bf16_compute_dtype_close_to_fp32():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0.1, atol=2e-2)
     with pytest.raises(ValueError, match="compute_dtype"):
         make_head(compute_dtype=torch.int8)
+
+
+def promised_batch(rank, world):
+    """The same step with and without a promised batch size: equal losses and gradients;
+    the promise saves the size all-gather; a batch that breaks it is refused by name."""
+    from partialfc.distributed import collectives
+
+    calls = []
+    gather = collectives._all_gather_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return gather(*args, **kwargs)
+
+    collectives._all_gather_single = counting
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(2 * 4, 8, generator=gen)[rank * 4:(rank + 1) * 4]
+    labels = torch.randint(0, 7, (8,), generator=gen)[rank * 4:(rank + 1) * 4]
+    results = []
+    for promise in (None, 4):
+        head = PartialFC(CombinedMargin.preset("arcface"), 8, 7, impl="torch")
+        head.expected_batch_size = promise
+        x = emb.clone().requires_grad_()
+        del calls[:]
+        loss = head(x, labels)
+        gathers = len(calls)
+        loss.backward()
+        results.append((loss.item(), x.grad, head.weight.grad.to_dense(), gathers))
+    head.expected_batch_size = 5
+    try:
+        head(emb, labels)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    return results, refused
+
+
+def test_promised_batch_size_skips_the_size_gather():
+    for rank, (results, refused) in enumerate(run_ranks(promised_batch, 2)):
+        (loss, dx, dw, gathers), (loss_p, dx_p, dw_p, gathers_p) = results
+        assert loss_p == loss
+        torch.testing.assert_close(dx_p, dx, rtol=0, atol=0)
+        torch.testing.assert_close(dw_p, dw, rtol=0, atol=0)
+        assert (gathers, gathers_p) == (3, 2)  # sizes + embeddings + labels, then without sizes
+        assert f"rank {rank} holds a batch of 4 rows where every rank was promised 5" in refused

@@ -25,6 +25,7 @@ from partialfc.checkpoint import FORMAT, HEAD_FORMAT
 from partialfc.clean import main
 from partialfc.cleaning.embed import gather_rows_to_rank0, index_path_for, sample_range
 from partialfc.cleaning.select import DROP_ANGLE, DROP_MIN_SAMPLES, select_clean
+from partialfc.data.inspect import main as inspect_main
 from partialfc.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
 from partialfc.models import build_backbone, save_backbone
 
@@ -135,6 +136,7 @@ def _write_checkpoint(step_dir, backbone, centers):
     os.makedirs(step_dir)
     kwargs = {"embedding_size": EMBEDDING_SIZE}
     save_backbone(os.path.join(step_dir, "backbone.pt"), "mobilefacenet_tiny", kwargs, backbone.state_dict())
+    torch.save({}, os.path.join(step_dir, "backbone_optimizer.pt"))  # part of a complete checkpoint; unused here
     num_classes, k, dim = centers.shape
     first = (num_classes + 1) // 2
     shards = []
@@ -216,9 +218,14 @@ def noisy_set(tmp_path_factory):
             "angles": np.degrees(np.arccos(np.clip(cos, -1, 1))), "checkpoint": str(root / "ckpt_k3")}
 
 
+def _is_reader_cache(name):
+    """The index cache and the DALI decode verdict readers leave beside an index."""
+    return name.endswith((".idx.npy", ".idx.verified.json"))
+
+
 def _file_digests(directory):
     return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(directory)) if not name.endswith(".npy")}
+            for name in sorted(os.listdir(directory)) if not _is_reader_cache(name)}
 
 
 def _run(noisy_set, out_dir, *extra):
@@ -296,9 +303,20 @@ def test_outputs_read_back_and_match_the_report(noisy_set, single_run):
     np.testing.assert_allclose([quantiles["p0"], quantiles["p50"], quantiles["p100"]],
                                np.quantile(noisy_set["angles"], [0, 0.5, 1]), atol=0.05)
     assert open(single_run + ".angles.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    written = {n for n in os.listdir(os.path.dirname(single_run)) if not n.endswith(".npy")}  # reader cache
+    written = {n for n in os.listdir(os.path.dirname(single_run)) if not _is_reader_cache(n)}
     assert written == {"property"} | {"clean." + s for s in ("rec", "idx", "labels.csv", "dropped.csv",
                                                                "angles.png", "report.json")}
+
+
+def test_inspect_reads_the_cleaned_set(single_run, capsys):
+    """What clean writes must pass its own inspect, decode included."""
+    report = json.load(open(single_run + ".report.json"))
+    capsys.readouterr()
+    assert inspect_main([single_run, "--decode", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_images"] == report["images_after"]
+    assert summary["num_classes"] == summary["property_num_classes"] == report["identities_after"]
+    assert summary["corrupt"] == summary["bad_labels"] == [] and summary["problems"] == []
 
 
 def test_dali_reads_the_cleaned_set(single_run):
@@ -380,6 +398,7 @@ def test_reuse_embeddings_and_dry_run(noisy_set, single_run, tmp_path):
     ("k1", "cleaning needs sub-centers"),
     ("classes", "the data has 11 classes"),
     ("missing", "record file is missing"),
+    ("missing_idx", "copy.idx is missing (expected next to"),
     ("same_dir", "would be overwritten"),
 ])
 def test_errors_write_nothing(noisy_set, tmp_path, capsys, case, message):
@@ -394,11 +413,70 @@ def test_errors_write_nothing(noisy_set, tmp_path, capsys, case, message):
     elif case == "missing":
         shutil.copy(prefix + ".idx", tmp_path / "copy.idx")
         prefix = str(tmp_path / "copy")
+    elif case == "missing_idx":
+        shutil.copy(prefix + ".rec", tmp_path / "copy.rec")
+        prefix = str(tmp_path / "copy")
     else:
         out = os.path.join(noisy_set["data_dir"], "clean")
     before = _file_digests(noisy_set["data_dir"])
     code = main([checkpoint, "--data", prefix, "--out", out, "--quiet", "--workers", "0"])
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
     assert os.listdir(out_dir) == []
     assert _file_digests(noisy_set["data_dir"]) == before
+
+
+def _copy_of_input(noisy_set, directory):
+    os.makedirs(directory)
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(os.path.join(noisy_set["data_dir"], name), os.path.join(directory, name))
+    return os.path.join(directory, "train")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "undecodable"])
+def test_damaged_set_is_one_line_and_writes_nothing(noisy_set, tmp_path, capsys, damage):
+    prefix = _copy_of_input(noisy_set, str(tmp_path / "input"))
+    with IndexedRecordReader(prefix + ".idx", prefix + ".rec", use_cache=False) as reader:
+        offset = {int(k): int(o) for k, o in zip(reader.keys, reader.offsets)}
+    if damage == "truncated":  # cut in the middle of image record 40 (and all after it)
+        with open(prefix + ".rec", "r+b") as handle:
+            handle.truncate(offset[40] + 300)
+        expected = f"{prefix}.rec: record 40 at byte {offset[40]}: bad framing"
+    else:  # record 5's JPEG body zeroed: framing intact, the image does not decode
+        with open(prefix + ".rec", "r+b") as handle:
+            handle.seek(offset[5] + 8 + 24 + 2)
+            handle.write(b"\x00" * 200)
+        expected = f"{prefix}.rec: record 5: cannot decode image"
+    out_dir = tmp_path / "out"
+    code = main([noisy_set["checkpoint"], "--data", prefix, "--out", str(out_dir / "clean"), "--quiet",
+                 "--workers", "1", "--batch-size", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not out_dir.exists() or os.listdir(out_dir) == []
+
+
+def test_an_empty_result_is_refused_and_nested_outputs_are_created(noisy_set, tmp_path, capsys):
+    embeddings = str(tmp_path / "emb.npy")
+    out_dir = tmp_path / "out"
+    # Every image beyond 1 degree (an undertrained model looks like this): refused, nothing written.
+    code, _ = _run(noisy_set, str(out_dir), "--embeddings", embeddings, "--threshold-deg", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cleaning would drop all {len(noisy_set['keys'])} images ({len(noisy_set['keys'])} beyond 1 deg" in err
+    assert "nothing written; the checkpoint may be undertrained" in err
+    assert os.listdir(out_dir) == []
+    # Every identity under --min-samples: refused the same way.
+    code, _ = _run(noisy_set, str(out_dir), "--embeddings", embeddings, "--min-samples", "1000")
+    assert code == 2 and "cleaning would drop all" in capsys.readouterr().err
+    assert os.listdir(out_dir) == []
+    # A dry run still reports it (no set is written).
+    code, dry = _run(noisy_set, str(out_dir), "--embeddings", embeddings, "--threshold-deg", "1", "--dry-run")
+    assert code == 0 and json.load(open(dry + ".report.json"))["images_after"] == 0
+    # --out in folders that do not exist yet: created; the result reads back.
+    nested = str(tmp_path / "new" / "deeper" / "clean")
+    code = main([noisy_set["checkpoint"], "--data", noisy_set["prefix"], "--out", nested, "--quiet",
+                 "--embeddings", embeddings, "--threshold-deg", str(THRESHOLD_DEG)])
+    assert code == 0
+    capsys.readouterr()
+    assert inspect_main([nested, "--json"]) == 0

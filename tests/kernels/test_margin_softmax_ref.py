@@ -148,6 +148,33 @@ def test_torch_and_naive_low_precision(dtype, weight_dtype, margin_name):
                             rtol=2e-5 + GRAD_ROUNDING[weight_dtype or dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_subcenters", [1, 3])
+def test_torch_path_half_gemms(monkeypatch, dtype, num_subcenters):
+    """The CUDA branch of the chunked path (half GEMM operands, fp32 results and math),
+    run on CPU by forcing its operand dtype; mm_fp32_output upcasts exactly here."""
+    monkeypatch.setattr(margin_softmax_ref, "_gemm_dtype", lambda embeddings, compute: embeddings.dtype)
+    margin = MARGINS["combined"]
+    case = rounded_case(build_case(batch=19, num_local=60, num_kept=41, dim=24, num_subcenters=num_subcenters,
+                                   seed=13), dtype)
+    want = run_impl(margin_softmax_stats_naive, case, margin)
+    got = run_impl(margin_softmax_stats_torch, case, margin, dtype=dtype, weight_dtype=torch.float32, chunk_size=6)
+    for key in ("lse", "target"):
+        assert_close_scaled(key, got[key], want[key], rtol=2e-6)
+    # d loss / d dot is rounded to the GEMM dtype before dX and dW, as on CUDA.
+    for key in ("grad_x", "grad_w"):
+        assert_close_scaled(key, got[key], want[key], rtol=2e-5 + GRAD_ROUNDING[dtype])
+    assert got["raw_grad_x"].dtype == dtype and got["raw_grad_w"].dtype == torch.float32
+
+
+def test_gemm_operands_stay_fp32_on_cpu():
+    half = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert margin_softmax_ref._gemm_dtype(half, torch.float32) == torch.float32
+    assert margin_softmax_ref.fp32_output_gemm(torch.bfloat16, "cpu")
+    product = margin_softmax_ref.mm_fp32_output(half + 1, half + 1)
+    assert product.dtype == torch.float32 and torch.all(product == 2)
+
+
 def test_torch_path_one_wide_case_d512():
     margin = MARGINS["arcface"]
     case = build_case(batch=37, num_local=40, num_kept=33, dim=512, num_subcenters=1, seed=2)

@@ -286,8 +286,10 @@ def test_deepspeed_mixed_precision_matches_ddp(amp):
     never backs off (no step ever applies)."""
     for result in run_ranks(_amp_worker, WORLD, amp):
         ddp, zero2 = result["ddp"], result["zero2"]
-        # ZeRO reduces convolution/linear gradients in the amp dtype, DDP in fp32.
-        assert zero2["losses"] == pytest.approx(ddp["losses"], rel=2e-2), amp
+        # ZeRO reduces convolution/linear gradients in the amp dtype, DDP in fp32. The
+        # step-3 loss differs by 1.98 % (bf16) on one AMD EPYC and by less on others (CPU
+        # bf16 kernels round differently per instruction set); the bugs caught here are ~100 %.
+        assert zero2["losses"] == pytest.approx(ddp["losses"], rel=5e-2), amp
         assert zero2["norms"] == pytest.approx(ddp["norms"], rel=0.15), amp  # a loss-scaled norm is 256x
         assert all(math.isfinite(n) for n in ddp["norms"]) and any(n > CLIP for n in ddp["norms"])  # clipped
         # Weights: within a quarter of how far training moved them (measured: 13 % for

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spawn import run_ranks
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.backbone=mobilefacenet_tiny", "model.embedding_size=64", "data.num_classes=13", "data.batch_size=8",
@@ -63,6 +65,20 @@ def test_demo_loss_falls(tmp_path):
     assert recorded[-1][1] < 0.5 * recorded[0][1], recorded
     assert (tmp_path / "demo" / "config.toml").is_file()
     assert (tmp_path / "demo" / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+    assert "data: synthetic, 13 classes, 400 images/epoch generated on cpu (generator stream), 25 batches/epoch " \
+        "of 8 per rank" in result.stderr  # which loader runs
+    log_file = (tmp_path / "demo" / "train.log").read_text()  # rank 0's log lines, also on disk
+    assert log_file.count("==== start") == 1 and "data: synthetic" in log_file and "step 24/24" in log_file
+    # The step-time breakdown of each log window: every phase, shares that add up to the step.
+    assert re.search(r"step 24/24 .* \| data \d+% fwd \d+% head \d+% bwd \d+% opt \d+% comm \d+% other -?\d+%",
+                     result.stderr)
+    records = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        phases = record["breakdown"]
+        assert set(phases) == {"data_wait", "backbone_forward", "head", "backbone_backward", "optimizer",
+                               "communication", "other"}
+        assert sum(p["share"] for p in phases.values()) == pytest.approx(1.0)
+        assert phases["backbone_forward"]["seconds"] > 0 and phases["communication"]["seconds"] > 0
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -70,6 +86,8 @@ def test_resume_continues_exactly(tmp_path):
     train(full, "train.max_steps=6")
     train(part, "train.max_steps=3")
     train(part, "train.max_steps=6", "train.resume=auto")
+    log_file = (part / "train.log").read_text()  # appended by both starts
+    assert log_file.count("==== start") == 2 and "resumed from" in log_file and "step 6/6" in log_file
     uninterrupted, resumed = losses(full), losses(part)
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]  # no duplicate or skipped step
     for (step_a, loss_a), (step_b, loss_b) in zip(uninterrupted, resumed):
@@ -133,6 +151,20 @@ def _step_loss(output, step):
     return dict(losses(output))[step]
 
 
+def _load_and_save(rank, world_size, checkpoint, output, overrides):
+    """A trainer on this many ranks resumes ``checkpoint`` and saves it into ``output`` at once."""
+    from partialfc.config import load_config
+    from partialfc.distributed.runtime import Runtime
+    from partialfc.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "demo.toml", TINY + list(overrides) + [
+        f"train.output={output}", f"train.resume={checkpoint}", "metrics.enabled=false"])
+    trainer = Trainer(cfg, Runtime(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"),
+                                   backend="gloo"))
+    trainer.maybe_resume()
+    return str(trainer.save())
+
+
 def test_resume_on_another_world_size(tmp_path):
     """3 -> 2 -> 3 ranks. 3 ranks x 8 images and 2 x 12 are the same global batches, so a
     resized run takes the same next step as a same-size one, up to BatchNorm's per-rank
@@ -148,10 +180,11 @@ def test_resume_on_another_world_size(tmp_path):
     _, old_rows = load_head_rows(old_dir, read_manifest(old_dir), 0, 13, 1)
     before = load_centers(three)
 
-    # Re-cut without a step (the final save writes 2 shards): exact.
+    # Re-cut without a step (2 ranks load the checkpoint and save it): exact. Through the
+    # trainer in-process: `--resume auto` on a finished run has nothing left to train and
+    # writes nothing (issue 14), so the entrypoint no longer re-saves it.
     two = tmp_path / "two"
-    shutil.copytree(three, two)
-    train(two, "train.max_steps=4", "train.resume=auto", *on2, nproc=2)
+    run_ranks(_load_and_save, 2, str(old_dir), str(two), on2)
     new_dir = resolve_checkpoint(two)
     new_manifest = read_manifest(new_dir)
     assert new_manifest["world_size"] == 2 and [s["num_local"] for s in new_manifest["head_shards"]] == [7, 6]
@@ -234,10 +267,10 @@ def test_evaluation_inside_two_rank_training(tmp_path):
     bin_path = tmp_path / "synth.bin"
     make_synthetic_bin(bin_path)
     output = tmp_path / "eval"
-    train(output, "train.max_steps=8", f'eval.sets=["{bin_path}"]', "eval.every=4")
+    train(output, "train.max_steps=6", f'eval.sets=["{bin_path}"]', "eval.every=4")
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
-    assert [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in evals] == [4, 6]  # every 4 steps, and the last step
     for record in evals:
         accuracy = record["eval"]["synth"]["accuracy"]
         assert 0.0 <= accuracy <= 1.0
