@@ -37,8 +37,9 @@ GEMM dtype -- about half the tile traffic, with every non-target dot rounded to 
 bits, which at scale 64 moved lse by ~3e-3 relative in the tests -- and is there to be
 measured against it (``benchmarks/kernel.py --impls gemm gemm:compute``).
 dS is rounded to the GEMM dtype before its two GEMMs, as in any bf16 backward; dX is
-accumulated over chunks in fp32. With fp16 the dS tile relies on the GradScaler's loss
-scale to stay above fp16's subnormals, as AMP does elsewhere.
+accumulated over chunks in fp32. With fp16 inputs the dS entries (about scale * p / B)
+can fall below fp16's normals: the head's loss is not scaled by the backbone's
+GradScaler, which is why ``head.compute_dtype = "auto"`` never picks fp16.
 
 Chunking: the ``B x chunk`` buffers (the fp32 logit tile plus, for half inputs, the dS
 tile; for fp32 inputs dS overwrites the logit tile in place) are bounded together by

@@ -34,9 +34,10 @@ TEMP_PREFIX = ".tmp-"
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, ValueError):
     """A write that did not fit on the device; the message names the file and keeps the
-    OS error text. An OSError (errno kept), so ``except OSError`` still catches it."""
+    OS error text. An OSError (errno kept), so ``except OSError`` still catches it, and a
+    ValueError, so the entrypoints report it as one line like other bad conditions."""
 
     def __init__(self, path: str, cause: OSError) -> None:
         reason = cause.strerror or str(cause)
@@ -81,6 +82,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_output_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append to a log file (metrics.jsonl): not atomic -- a crash or a full disk can leave
+    a torn last line, which its readers skip -- but a full disk is reported as
+    DiskFullError naming the file, like every other write here."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(text)
+    except OSError as error:
+        _raise_if_disk_full(error, str(path))
+        raise
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:

@@ -30,15 +30,18 @@ HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def head_compute_dtype(compute_dtype: str, amp: str, device_type: str) -> torch.dtype:
-    """head.compute_dtype as a torch dtype; "auto" follows train.amp on CUDA (fp32 on CPU).
+    """head.compute_dtype as a torch dtype; "auto" is bf16 on CUDA with bf16 amp, else fp32.
 
-    The backbone already runs in the amp dtype there, so its embeddings lose nothing more
-    when the head's GEMMs take them in that dtype (tensor cores, half the all-gather). On
-    CPU half GEMMs are slower than fp32 ones, so auto stays fp32.
+    With bf16 amp the backbone's embeddings are bf16 already, so the head's GEMMs lose
+    nothing more by taking them so (tensor cores, half the all-gather). Not fp16 with fp16
+    amp: the head's backward is not loss-scaled (the GradScaler scales the backbone's
+    gradient only), and its softmax gradient entries, about scale * p / batch, fall below
+    fp16's smallest normals at large class counts. On CPU half GEMMs are slower than fp32
+    ones, so auto stays fp32 there. An explicit bf16/fp16 is taken as asked.
     """
     if compute_dtype != "auto":
         return HEAD_DTYPES[compute_dtype]
-    return HEAD_DTYPES[amp] if device_type == "cuda" and amp in ("bf16", "fp16") else torch.float32
+    return torch.bfloat16 if device_type == "cuda" and amp == "bf16" else torch.float32
 
 
 def build_head(cfg: Config, num_classes: int, process_group=None, device_type: str = "cpu") -> PartialFC:

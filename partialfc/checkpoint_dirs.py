@@ -74,10 +74,11 @@ def step_dirs(root: str | os.PathLike) -> list[Path]:
 def newest_complete(root: str | os.PathLike) -> tuple[Optional[Path], Optional[str]]:
     """``(checkpoint, warning)``: where a run in checkpoints root ``root`` resumes from.
 
-    ``latest`` is used when it names a complete checkpoint (warning None). Otherwise the
-    newest complete step directory is taken and the warning says what was wrong with
-    ``latest``. ``(None, None)`` when there are no step directories at all; a
-    CheckpointError when there are some but none is complete: starting over would
+    The newest complete step directory, by its manifest and files. ``latest`` is only a
+    hint (written after the step directory is renamed into place, so a kill in between
+    leaves it one checkpoint behind): when it does not name that directory, the warning
+    says what was wrong with it. ``(None, None)`` when there are no step directories at
+    all; a CheckpointError when there are some but none is complete: starting over would
     write over them.
     """
     root = Path(root)
@@ -85,16 +86,16 @@ def newest_complete(root: str | os.PathLike) -> tuple[Optional[Path], Optional[s
     if latest.is_file():
         name = latest.read_text(errors="replace").strip()
         problem = checkpoint_problem(root / name) if _STEP_DIR.fullmatch(name) else "is not a step directory"
-        if problem is None:
-            return root / name, None
-        why = f"{latest} names {name!r}, which {problem}"
+        why = f"{latest} names {name!r}, which {problem}" if problem else f"{latest} names the older {name!r}"
     else:
-        why = f"{latest} is missing"
+        name, why = None, f"{latest} is missing"
     candidates = step_dirs(root)
     problems = []
     for step_dir in reversed(candidates):
         problem = checkpoint_problem(step_dir)
         if problem is None:
+            if step_dir.name == name:
+                return step_dir, None
             return step_dir, f"{why}; using {step_dir.name}, the newest complete checkpoint"
         problems.append(f"{step_dir.name} {problem}")
     if not candidates:

@@ -220,4 +220,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from partialfc.distributed.runtime import exit_process
+
+    exit_process(main())  # not sys.exit: see exit_process

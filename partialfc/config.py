@@ -48,8 +48,8 @@ class HeadConfig:
     num_subcenters: int = 1
     """K sub-centers per identity; K = 3 for the cleaning workflow."""
     impl: str = "auto"
-    """Margin-softmax implementation: auto (by the measured table partialfc.kernels.AUTO_TABLE: gemm on CUDA
-    with bf16/fp16 embeddings, chunked torch on CPU), gemm, triton, torch, naive."""
+    """Margin-softmax implementation: auto (by the table partialfc.kernels.AUTO_TABLE: triton on CUDA until a
+    GPU measurement says gemm wins, chunked torch on CPU), gemm, triton, torch, naive."""
     chunk_size: Optional[int] = None
     """Classes per tile of the chunked paths (None, best left so: each impl's own -- torch 8192 center rows,
     gemm the classes whose B x chunk buffers fit 256 MiB, triton autotuned; triton needs a power of 2 >= 16)."""
@@ -57,7 +57,8 @@ class HeadConfig:
     """Head learning rate as a multiple of the backbone's."""
     compute_dtype: str = "auto"
     """Embeddings fed to the margin softmax: fp32, or bf16 / fp16 (half the gather, tensor cores on CUDA);
-    auto = train.amp's dtype on CUDA when amp is on, else fp32 (always fp32 on CPU)."""
+    auto = bf16 on CUDA with train.amp = bf16, else fp32 (always fp32 on CPU; with fp16 amp too, because the
+    head's gradient is not loss-scaled and fp16 would flush most of its small entries to zero)."""
     intra_weight: float = 0.0
     """Intra-loss (ArcFace paper): adds weight * mean theta_y / pi, the angle to the matched target center (0: off)."""
     inter_weight: float = 0.0

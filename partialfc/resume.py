@@ -141,7 +141,7 @@ def carry_out(plan: StartPlan, output: str | os.PathLike, resumed_step: int, *, 
     if is_main:
         try:
             _carry_out_on_main(plan, Path(output), resumed_step)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # reported to every rank first: none is left waiting
             error = exc
     failed = gather_ints(error is not None, None, device)
     if error is not None:
@@ -194,10 +194,20 @@ def truncate_metrics_log(metrics_file: Path, step: int) -> None:
     something is dropped."""
     if not metrics_file.is_file():
         return
-    lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step] if step >= 0 else []
+    lines = [line for line in metrics_file.read_text(errors="replace").splitlines() if line.strip()]
+    kept = [line for line in lines if _record_step(line) <= step] if step >= 0 else []
     if len(kept) != len(lines):
         atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """A metrics record's step; a line that is not a record (torn by a crash or a full disk
+    mid-append) counts as past every step, so truncation drops it instead of failing."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return float("inf")
+    return record.get("step", 0) if isinstance(record, dict) else float("inf")
 
 
 # ---------------------------------------------------------------------------- progress

@@ -85,4 +85,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from partialfc.distributed.runtime import exit_process
+
+    exit_process(main())  # not sys.exit: see exit_process

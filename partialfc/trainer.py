@@ -20,6 +20,7 @@ import torch
 from partialfc import checkpoint as ckpt
 from partialfc import run_log
 from partialfc import resume
+from partialfc.atomic_io import append_text, atomic_write_text
 from partialfc.config import Config, config_to_dict, dump_config
 from partialfc.data import build_source
 from partialfc.data.prefetch import prefetch_to_device
@@ -269,7 +270,7 @@ class Trainer:
         run_log.attach_log_file(self.output, self.runtime.rank)
         if self.resumed[2] is not None:
             run_log.log_to_file_only(f"resumed from {self.resumed[2]} at step {self.step}")
-        (self.output / "config.toml").write_text(dump_config(self.cfg))
+        atomic_write_text(self.output / "config.toml", dump_config(self.cfg))
         import platform
 
         import partialfc
@@ -423,10 +424,9 @@ class Trainer:
         remaining = (self.stop_step - self.step) * elapsed / max(1, self.step - self._first_step)
         log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %ds | %s",
                  self.step, self.stop_step, self.epoch, loss, lr, images_per_s, remaining, format_breakdown(breakdown))
-        with metrics_file.open("a") as f:
-            f.write(json.dumps({"step": self.step, "epoch": self.epoch, "samples": self.samples_seen, "loss": loss,
-                                "lr": lr, "images_per_s": images_per_s, "data_wait_share": data_wait_share,
-                                "breakdown": breakdown}) + "\n")
+        append_text(metrics_file, json.dumps({
+            "step": self.step, "epoch": self.epoch, "samples": self.samples_seen, "loss": loss, "lr": lr,
+            "images_per_s": images_per_s, "data_wait_share": data_wait_share, "breakdown": breakdown}) + "\n")
 
     def _maybe_evaluate(self) -> None:
         """Every ``eval.every`` steps, and at the last step (the model the run ends with)."""

@@ -43,6 +43,9 @@ def _worker(rank, world_size, port, out_dir, fn, args):
             pickle.dump(result, f)
         if dist.is_initialized():
             dist.destroy_process_group()
+        # The result is on disk: leave without interpreter finalization, which can abort a
+        # process that just ran collectives (see partialfc.distributed.runtime.exit_process).
+        os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):

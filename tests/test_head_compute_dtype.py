@@ -10,7 +10,7 @@ from partialfc.builders import build_head, head_compute_dtype
 
 @pytest.mark.parametrize("setting, amp, device, expected", [
     ("auto", "bf16", "cuda", torch.bfloat16),
-    ("auto", "fp16", "cuda", torch.float16),
+    ("auto", "fp16", "cuda", torch.float32),  # the head's gradient is not loss-scaled: no fp16 by default
     ("auto", "none", "cuda", torch.float32),
     ("auto", "bf16", "cpu", torch.float32),
     ("fp32", "bf16", "cuda", torch.float32),  # an explicit setting always wins

@@ -23,7 +23,7 @@ import json
 import logging
 import mmap
 import os
-from multiprocessing import Pool
+from multiprocessing import get_context
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -80,7 +80,9 @@ def scan_images(rec_path: str, keys: np.ndarray, offsets: np.ndarray,
              for i in range(0, keys.size, _CHUNK)]
     if workers <= 1 or keys.size < _SERIAL_BELOW:
         return [problem for task in tasks for problem in _check_chunk(task)]
-    with Pool(min(workers, len(tasks))) as pool:
+    # spawn, not fork: this runs after the process group (gloo/NCCL threads, a CUDA context)
+    # exists, and a forked child of a threaded process can deadlock on a lock held at fork.
+    with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
         return [problem for chunk in pool.imap(_check_chunk, tasks) for problem in chunk]
 
 

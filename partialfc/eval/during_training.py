@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from partialfc.atomic_io import append_text
+
 log = logging.getLogger("partialfc.train")
 
 
@@ -58,9 +60,8 @@ def evaluate_during_training(trainer) -> dict:
             best[name] = max(best.get(name, 0.0), values["accuracy"])
         log.info("eval step %d: %s | best %s", trainer.step, format_results(results),
                  ", ".join(f"{k} {v:.4f}" for k, v in best.items()))
-        with (trainer.output / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": trainer.step, "samples": trainer.samples_seen, "eval": results,
-                                "best": dict(best)}) + "\n")
+        append_text(trainer.output / "metrics.jsonl", json.dumps(
+            {"step": trainer.step, "samples": trainer.samples_seen, "eval": results, "best": dict(best)}) + "\n")
         if trainer.metrics is not None:
             trainer.metrics.observe_eval(trainer.step, {k: v["accuracy"] for k, v in results.items()})
     if trainer.runtime.world_size > 1:

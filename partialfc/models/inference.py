@@ -94,24 +94,44 @@ def save_backbone(path: PathLike, name: str, kwargs: dict, state_dict: Mapping[s
 
 # ---------------------------------------------------------------------------- what a path names
 def _step_dir_of(path: Path) -> Path:
-    """The step directory meant by directory ``path`` (step dir, checkpoints root or run dir)."""
+    """The step directory meant by directory ``path`` (step dir, checkpoints root or run dir).
+
+    For a root, the newest complete checkpoint (``checkpoint_dirs.newest_complete``, the
+    rule training resumes by: ``latest`` is a hint that a crash can leave stale). A root
+    of backbone-only step directories (no manifests: exported by hand) falls back to the
+    directory ``latest`` names, if it holds a backbone.
+    """
+    from partialfc.checkpoint_dirs import CheckpointError, newest_complete, step_dirs
+
     if (path / BACKBONE_FILENAME).is_file():
         return path
     for root in (path, path / CHECKPOINTS_DIRNAME):
         latest = root / LATEST_FILENAME
-        if not latest.is_file():
+        if not (latest.is_file() or step_dirs(root)):
             continue
+        try:
+            found, _warning = newest_complete(root)
+        except CheckpointError as error:
+            found, incomplete = None, error
+        else:
+            incomplete = None
+        if found is not None:
+            return found
+        if not latest.is_file():
+            raise incomplete
         step_name = latest.read_text(encoding="utf-8", errors="replace").strip()
         # `latest` names a sibling subdirectory; refuse anything that walks elsewhere.
         if not step_name or step_name in (".", "..") or Path(step_name).name != step_name:
             raise ValueError(f"{latest}: expected the name of a step subdirectory, got {step_name!r}")
         candidate = root / step_name / BACKBONE_FILENAME
-        if not candidate.is_file():
-            raise FileNotFoundError(f"{latest} points to {step_name!r}, but {candidate} does not exist")
-        return root / step_name
+        if candidate.is_file():
+            return root / step_name
+        if incomplete is not None:
+            raise incomplete
+        raise FileNotFoundError(f"{latest} points to {step_name!r}, but {candidate} does not exist")
     raise FileNotFoundError(
-        f"{path} holds neither {BACKBONE_FILENAME!r} (a checkpoint step directory) nor "
-        f"{LATEST_FILENAME!r} (a checkpoints root) nor '{CHECKPOINTS_DIRNAME}/{LATEST_FILENAME}' (a run directory)"
+        f"{path} holds neither {BACKBONE_FILENAME!r} (a checkpoint step directory) nor complete step_* "
+        f"checkpoints or {LATEST_FILENAME!r} (a checkpoints root) nor '{CHECKPOINTS_DIRNAME}/' (a run directory)"
     )
 
 

@@ -96,6 +96,21 @@ def test_every_checkpoint_form_loads_the_same_model_and_centers(run):
     assert load_model(run["forms"]["consolidated"]).centers is None  # only when asked for
 
 
+def test_a_stale_or_broken_latest_resolves_like_a_resume_would(run, tmp_path):
+    """A crash between renaming a step into place and writing ``latest`` leaves it behind or
+    naming nothing; the tools take the newest complete checkpoint, as training resumes."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run["root"] / "checkpoints", copy / "checkpoints")
+    latest = copy / "checkpoints" / "latest"
+    for stale in ("step_00000009\n", "step_00000002\n"):  # names a missing step / an older name
+        latest.write_text(stale)
+        assert load_model(copy).source == copy / "checkpoints" / "step_00000004"
+    latest.unlink()
+    assert load_model(copy).source == copy / "checkpoints" / "step_00000004"
+
+
 def test_verification_accepts_every_checkpoint_form(run, capsys):
     outputs = set()
     for name, path in run["forms"].items():

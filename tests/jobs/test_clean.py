@@ -480,3 +480,31 @@ def test_an_empty_result_is_refused_and_nested_outputs_are_created(noisy_set, tm
     assert code == 0
     capsys.readouterr()
     assert inspect_main([nested, "--json"]) == 0
+
+
+def test_consolidated_checkpoint_cleans_like_its_step_directory(noisy_set, single_run, tmp_path):
+    """`checkpoint consolidate`'s single file carries the centers and the backbone: clean
+    takes it like the step directory it came from and drops the same images."""
+    from partialfc.checkpoint import consolidate
+
+    consolidated = consolidate(noisy_set["checkpoint"], tmp_path / "model.pt")
+    out = str(tmp_path / "out" / "clean")
+    code = main([str(consolidated), "--data", noisy_set["prefix"], "--out", out, "--threshold-deg",
+                 str(THRESHOLD_DEG), "--min-samples", str(MIN_SAMPLES), "--workers", "0", "--quiet",
+                 "--batch-size", "16"])
+    assert code == 0
+    assert open(out + ".dropped.csv").read() == open(single_run + ".dropped.csv").read()
+    assert open(out + ".labels.csv").read() == open(single_run + ".labels.csv").read()
+
+
+def test_without_matplotlib_the_set_is_written_without_the_histogram(noisy_set, single_run, tmp_path, monkeypatch):
+    """matplotlib is an extra (eval): a core install still cleans, only the plot is left out."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    code, out = _run(noisy_set, str(tmp_path / "out"))
+    assert code == 0
+    assert not os.path.exists(out + ".angles.png")
+    assert open(out + ".dropped.csv").read() == open(single_run + ".dropped.csv").read()

@@ -92,6 +92,8 @@ DAMAGE = {  # what a crash or a user left behind -> the checkpoint to resume fro
     "no manifest": (lambda root: (root / "step_00000003" / "manifest.json").unlink(), "step_00000002"),
     "manifest not JSON": (lambda root: (root / "step_00000003" / "manifest.json").write_text("{"), "step_00000002"),
     "shard missing": (lambda root: (root / "step_00000003" / "head_rank00000.pt").unlink(), "step_00000002"),
+    # Killed between renaming step 3 into place and writing latest: step 3 is complete.
+    "latest one behind": (lambda root: (root / "latest").write_text("step_00000002\n"), "step_00000003"),
 }
 
 
@@ -333,3 +335,26 @@ def test_resume_on_more_ranks_ends_where_the_new_world_size_would(tmp_path):
     again = train(output, *common, "train.resume=auto", nproc=3)
     assert "nothing left to train" in again.stderr and "nan" not in again.stderr
     assert len(_records(output)) == 24
+
+
+def test_a_torn_metrics_line_does_not_stop_the_resume(tmp_path, trainer_factory):
+    """A crash or a full disk mid-append leaves half a record at the end of metrics.jsonl:
+    the resume drops it with the records past the checkpoint instead of failing."""
+    output = tmp_path / "run"
+    trainer_factory(output, "train.max_steps=2").train()
+    with open(output / "metrics.jsonl", "a") as log_file:
+        log_file.write('{"step": 3, "lo')
+    summary = trainer_factory(output, "train.max_steps=3", "train.resume=auto").train()
+    assert summary["step"] == 3
+    assert [r["step"] for r in _records(output)] == [1, 2, 3]
+
+
+def test_a_full_disk_while_logging_is_one_error_naming_the_file(tmp_path, trainer_factory, monkeypatch):
+    import partialfc.atomic_io as atomic_io
+    from full_disk import open_on_full_disk
+
+    output = tmp_path / "run"
+    trainer = trainer_factory(output, "train.max_steps=2")
+    monkeypatch.setattr(atomic_io, "open", open_on_full_disk(0, "metrics.jsonl"), raising=False)
+    with pytest.raises(ValueError, match=f"no space left on device writing {output}/metrics.jsonl"):
+        trainer.train()
