@@ -23,7 +23,6 @@ setup(
         "torch>=2.1",
         "numpy>=1.24",
         "pillow>=9.0",
-        "rich>=13.0",
         "tqdm>=4.60",
         # The trainer serves Prometheus metrics by default (metrics.port_base): a core need.
         "prometheus-client>=0.17",

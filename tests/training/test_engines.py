@@ -344,7 +344,7 @@ def test_engine_state_resumes_step_exactly(saved_by, resumed_by, optimizer):
 
 # ---------------------------------------------------------------------- config and errors
 def test_deepspeed_config_from_ours_and_user_json(tmp_path):
-    from partialfc.distributed.engines import deepspeed_config
+    from partialfc.distributed.deepspeed_engine import deepspeed_config
 
     config = deepspeed_config(micro_batch_size=7, accumulate=3, world_size=5, clip_grad_norm=2.0, amp="bf16",
                               zero_stage=2)
