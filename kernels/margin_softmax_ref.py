@@ -38,6 +38,7 @@ __all__ = [
     "margin_softmax_stats_naive",
     "margin_softmax_stats_torch",
     "validate_margin_softmax_inputs",
+    "ClassTiles",
     "kept_rows",
     "normalized_rows_backward",
     "sparse_row_grad",
@@ -232,7 +233,7 @@ def _contiguous_first_class(class_index):
     return first if last - first == class_index.numel() - 1 else None
 
 
-class _Tiles:
+class ClassTiles:
     """The class tiles of one pass: their center rows, target columns and reused scratch.
 
     Scratch buffers are allocated for the first (largest) tile and viewed for the others,
@@ -316,7 +317,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         gemm_dtype = _gemm_dtype(embeddings, compute_dtype)
         x = embeddings.detach().to(gemm_dtype)
         batch = x.shape[0]
-        tiles = _Tiles(weight, class_index, target_position, num_subcenters, tile, compute_dtype, gemm_dtype)
+        tiles = ClassTiles(weight, class_index, target_position, num_subcenters, tile, compute_dtype, gemm_dtype)
         # 1/||w|| of every kept row: k*K floats, saved so backward does not re-read W for it.
         inv_norm = torch.empty(class_index.shape[0] * num_subcenters, dtype=compute_dtype, device=x.device)
         running_max = torch.full((batch,), float("-inf"), dtype=compute_dtype, device=x.device)
@@ -362,7 +363,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             torch.empty(num_kept * num_subcenters, x.shape[1], dtype=weight.dtype, device=x.device)
             if want_w else None
         )
-        tiles = _Tiles(weight, class_index, target_position, num_subcenters, ctx.tile, compute_dtype, gemm_dtype)
+        tiles = ClassTiles(weight, class_index, target_position, num_subcenters, ctx.tile, compute_dtype, gemm_dtype)
         same_dtype = gemm_dtype == compute_dtype
         neg_lse, grad_lse_scaled = -lse[:, None], (grad_lse * scale)[:, None]
         for start, stop in tiles:

@@ -198,9 +198,8 @@ class _InterAngleSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, targets, weight, class_index, target_position, num_subcenters, tile, first_class, with_grad,
-                stash):
-        from partialfc.kernels.margin_softmax_ref import NORM_EPS, kept_rows
+    def forward(ctx, targets, weight, class_index, target_position, num_subcenters, tile, with_grad, stash):
+        from partialfc.kernels.margin_softmax_ref import NORM_EPS, ClassTiles, kept_rows
 
         k_sub, num_kept = num_subcenters, class_index.shape[0]
         # needs_input_grad is set under no_grad too: with_grad (grad mode at the call) decides.
@@ -209,20 +208,16 @@ class _InterAngleSum(torch.autograd.Function):
         grad_targets = torch.zeros_like(targets) if want_targets else None
         grad_rows = targets.new_empty(num_kept * k_sub, targets.shape[1]) if want_weight else None
         offsets = torch.arange(k_sub, device=targets.device)
-        for start in range(0, num_kept, tile):
-            stop = min(start + tile, num_kept)
-            if first_class is not None:  # r = 1: the kept rows are one slice, no gather copy
-                rows = weight[(first_class + start) * k_sub:(first_class + stop) * k_sub]
-            else:
-                rows = weight.index_select(0, kept_rows(class_index[start:stop], k_sub))
-            rows = rows.detach().to(targets.dtype)
+        # The margin softmax's tiling: a slice view of the rows when the kept classes are one run.
+        tiles = ClassTiles(weight, class_index, target_position, k_sub, tile, targets.dtype, targets.dtype)
+        for start, stop in tiles:
+            rows = tiles.centers(start, stop)
             inv_norm = rows.norm(dim=1).clamp_min(NORM_EPS).reciprocal()
             # GEMM on the raw rows, columns scaled after: no normalized tile x D copy.
             cos = torch.mm(targets, rows.T).mul_(inv_norm)  # (B, tile rows)
             # The K columns of each sample's own class, where this tile holds it: zeroed.
-            local = target_position - start
-            in_tile = ((local >= 0) & (local < stop - start))[:, None]
-            own_columns = local.clamp(0, stop - start - 1)[:, None] * k_sub + offsets
+            in_tile, own_class = tiles.targets(start, stop)
+            in_tile, own_columns = in_tile[:, None], own_class * k_sub + offsets
             angles = cos.clamp(-1.0, 1.0).acos_()
             angles.scatter_(1, own_columns, torch.where(in_tile, 0.0, angles.gather(1, own_columns)))
             total += angles.sum()
@@ -256,23 +251,21 @@ class _InterAngleSum(torch.autograd.Function):
             ctx.stash.add_all_rows(grad_rows.mul_(grad_total))
         elif grad_rows is not None:
             grad_weight = sparse_row_grad(ctx.row_ids, grad_rows.mul_(grad_total), weight)
-        return grad_targets, grad_weight, None, None, None, None, None, None, None
+        return grad_targets, grad_weight, None, None, None, None, None, None
 
 
-def inter_loss(targets, weight, class_index, target_position, num_subcenters, *, tile, first_class=None,
-               group=None, stash=None):
+def inter_loss(targets, weight, class_index, target_position, num_subcenters, *, tile, group=None, stash=None):
     """``-(1/pi) * mean_i [sum_{j != y_i} acos(W_yi . W_j) / count]`` over all ranks' kept centers.
 
     ``targets`` (B, D) are the normalized matched target centers of the global batch,
     identical on every rank (``collectives.all_reduce_with_grad`` of the owners'
     rows). Each rank sums over its own kept rows, tiled by ``tile`` classes; the sums
     and the kept-row counts are all-reduced; ``count = sum_r kept_r * K - K`` (every
-    other kept row: ``(N - 1) * K`` at ``r = 1``). ``first_class`` is the first local
-    class when the kept classes are one run (``r = 1``), else None. ``stash``: see
+    other kept row: ``(N - 1) * K`` at ``r = 1``). ``stash``: see
     ``center_grad_fold`` (the head passes one so no second sparse gradient is summed).
     """
     local_sum = _InterAngleSum.apply(targets, weight, class_index, target_position, num_subcenters, tile,
-                                     first_class, torch.is_grad_enabled(), stash)
+                                     torch.is_grad_enabled(), stash)
     total = collectives.sum_across_ranks_local_grad(local_sum, group)
     kept = torch.full((), float(class_index.shape[0] * num_subcenters), dtype=targets.dtype,
                       device=targets.device)

@@ -234,7 +234,7 @@ class PartialFC(nn.Module):
                 terms["inter"] = geodesic.inter_loss(
                     targets, weight, class_index, positions, self.num_subcenters,
                     tile=tile_classes(self.num_subcenters, self.chunk_size),
-                    first_class=0 if self.sample_rate >= 1.0 else None, group=group, stash=stash,
+                    group=group, stash=stash,
                 )
         if penalties.triplet > 0:
             terms["triplet"] = geodesic.angular_triplet_loss(x, all_labels, local_offset, num_local_rows,
