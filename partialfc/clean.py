@@ -193,13 +193,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     owns_group = not (dist.is_available() and dist.is_initialized())
-    finished = False
     try:
         report = run_clean(args.checkpoint, args.data, args.out, threshold_deg=args.threshold_deg,
                            min_samples=args.min_samples, embeddings_path=args.embeddings,
                            dry_run=args.dry_run, batch_size=args.batch_size, workers=args.workers,
                            flip=args.flip, device=args.device, show_progress=not args.quiet)
-        finished = True
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"clean: error: {error}", file=sys.stderr)
         return 2
@@ -208,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     finally:
         if owns_group:
-            shutdown_runtime(synchronize=finished)
+            shutdown_runtime()
     if report is not None:
         dropped = report["dropped_images"]
         print(f"clean: kept {report['images_after']} of {report['images_before']} images and "

@@ -54,10 +54,9 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr, flush=True)
         run_log.log_to_file_only(line)
 
-    abandon_group = finished = False
+    abandon_group = False
     try:
         summary = Trainer(cfg, runtime).train()
-        finished = True
         if runtime.is_main:
             logging.getLogger("partialfc.train").info("done: %s", summary)
     except ValueError as exc:
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
         raise  # a bug: its traceback is the report
     finally:
         run_log.detach_log_file()
-        shutdown_runtime(runtime, abandon=abandon_group, synchronize=finished)
+        shutdown_runtime(runtime, abandon=abandon_group)
     return 0
 
 

@@ -150,25 +150,13 @@ def _restart_scoped_store(rank: int, world_size: int, timeout: datetime.timedelt
             "world_size": world_size}
 
 
-def shutdown_runtime(runtime: Runtime | None = None, abandon: bool = False, synchronize: bool = False) -> None:
+def shutdown_runtime(runtime: Runtime | None = None, abandon: bool = False) -> None:
     """Destroy the group; ``abandon`` after a failed collective only lets the process exit
-    (tearing down a group whose peer is gone can block, NCCL's especially). ``synchronize``
-    (every rank finished the same work, e.g. a completed run) adds a last barrier; never
-    after an error on one rank, where the peers are in another collective."""
+    (tearing down a group whose peer is gone can block, NCCL's especially)."""
     if runtime is not None:
         runtime.supervisor.close()
-    if abandon or not (dist.is_available() and dist.is_initialized()):
-        return
-    if synchronize:
-        # A last barrier first: gloo's worker threads release each finished collective's
-        # tensors themselves, which needs the GIL when a tensor has a Python object. If the
-        # interpreter is already finalizing then (the process exits right after the last
-        # collective), the worker thread is torn down inside a destructor and the process
-        # aborts: "terminate called without an active exception" (seen here after a final
-        # checkpoint's all-gather, about 1 exit in 12). A barrier's work holds no Python
-        # tensors, and the earlier works are released by the time it completes.
-        dist.barrier()
-    dist.destroy_process_group()
+    if not abandon and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def exit_process(code: int) -> None:
@@ -179,8 +167,8 @@ def exit_process(code: int) -> None:
     interpreter is finalizing by then, the thread is torn down inside a C++ destructor
     and the process aborts ("terminate called without an active exception", exit -6):
     seen at the end of about 1 run in 12 of the 2-rank demo, after the run had finished
-    and checkpointed. The barrier in ``shutdown_runtime`` narrows that window but cannot
-    close it (two worker threads), and the group's C++ object outlives
+    and checkpointed. A last barrier before ``destroy_process_group`` only narrowed that
+    window (gloo runs two worker threads), and the group's C++ object outlives
     ``destroy_process_group``. Everything worth keeping is written and flushed by then,
     so the entrypoints flush and leave with ``os._exit``.
     """
