@@ -20,8 +20,8 @@ previous checkpoints and ``latest`` as they were. A complete step directory is n
 removed to be rewritten. Loading uses ``torch.load(weights_only=True)`` only.
 
 A checkpoint is complete when its ``manifest.json`` parses, has this format and every
-file it implies exists; ``latest`` is only a hint, and ``newest_complete`` falls back to
-the newest complete step directory when ``latest`` is missing or names an incomplete one.
+file it implies exists; ``latest`` is only a hint: ``newest_complete`` takes the newest
+complete step directory, and says so when ``latest`` is missing, broken or behind it.
 
 Head rows are stored with their global class range, so a checkpoint written by W ranks
 loads onto W' ranks: each new shard copies its rows from whichever old shards overlap.
@@ -51,12 +51,15 @@ HEAD_FORMAT = "partialfc-head-shard/1"
 
 
 def _load(path: Path):
+    """A checkpoint file, weights-only; CheckpointError with one line saying what is wrong."""
+    from partialfc.models.torch_files import read_weights_only
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or not a weights-only file
-        raise CheckpointError(f"cannot read checkpoint file {str(path)!r}: {exc}") from None
+        return read_weights_only(path, what="checkpoint file")
+    except ValueError as exc:  # corrupt, truncated or not a weights-only file
+        raise CheckpointError(str(exc)) from None
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -321,9 +324,11 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     manifest = read_manifest(step_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from partialfc.models.inference import CONSOLIDATED_FORMAT
+
     backbone = _load(step_dir / "backbone.pt")
     atomic_torch_save({
-        "format": "partialfc-consolidated/1",
+        "format": CONSOLIDATED_FORMAT,
         "step": manifest["step"],
         "num_classes": manifest["num_classes"],
         "num_subcenters": manifest["num_subcenters"],

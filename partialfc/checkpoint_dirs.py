@@ -4,8 +4,9 @@ A step directory is complete when its ``manifest.json`` parses, has the current 
 and every file it implies exists (the rank-0 files and the head shards it lists). A run
 killed while saving leaves a ``step_*.tmp`` directory (ignored here) or, with older
 versions, a step directory without a manifest; ``latest`` may then be missing or name
-it. So ``latest`` is a hint: ``newest_complete`` uses it when it names a complete
-checkpoint and otherwise takes the newest complete step directory, saying why.
+it, and a kill between the rename and the ``latest`` write leaves it one behind. So
+``latest`` is a hint: ``newest_complete`` takes the newest complete step directory and
+says why when ``latest`` does not name it.
 """
 from __future__ import annotations
 

@@ -152,8 +152,8 @@ def resolve_backbone_path(path: PathLike) -> Path:
     """The file holding the backbone meant by ``path``.
 
     A file (a backbone file or a ``checkpoint consolidate`` file) stands for itself; a
-    directory is a step directory holding ``backbone.pt``, a checkpoints root whose
-    ``latest`` names the step, or a run directory holding ``checkpoints/latest``.
+    directory is a step directory holding ``backbone.pt``, a checkpoints root, or a run
+    directory holding ``checkpoints/`` (for a root: its newest complete checkpoint).
     """
     return _resolve(path)[0]
 
