@@ -31,16 +31,22 @@ def _range_error(label: int, num_classes: int, where: str) -> ValueError:
     return ValueError(f"{where}label {label} is outside [0, {num_classes}) (num_classes)")
 
 
-def check_labels_on_host(labels: torch.Tensor, num_classes: int, where: str = "") -> None:
-    """Raise for an out-of-range label in a CPU tensor (host work, no device sync)."""
-    if labels.device.type != "cpu":
-        raise ValueError(f"check_labels_on_host needs a CPU tensor, got one on {labels.device}; "
-                         "use DeviceLabelCheck for labels on the device")
+def check_label_range(labels: torch.Tensor, num_classes: int, where: str = "") -> None:
+    """Raise for a label outside ``[0, num_classes)``; reads two values, so on a device
+    tensor it is a host sync (the head's own check outside the trainer)."""
     if labels.numel() == 0:
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise _range_error(low if low < 0 else high, num_classes, where)
+
+
+def check_labels_on_host(labels: torch.Tensor, num_classes: int, where: str = "") -> None:
+    """Raise for an out-of-range label in a CPU tensor (host work, no device sync)."""
+    if labels.device.type != "cpu":
+        raise ValueError(f"check_labels_on_host needs a CPU tensor, got one on {labels.device}; "
+                         "use DeviceLabelCheck for labels on the device")
+    check_label_range(labels, num_classes, where)
 
 
 class DeviceLabelCheck:
@@ -91,4 +97,4 @@ class DeviceLabelCheck:
             raise _range_error(int(self._label), self.num_classes, f"step {int(self._step)}: ")
 
 
-__all__ = ["DeviceLabelCheck", "check_labels_on_host"]
+__all__ = ["DeviceLabelCheck", "check_label_range", "check_labels_on_host"]

@@ -30,6 +30,7 @@ from partialfc.distributed import collectives
 from partialfc.distributed.shards import class_shard
 from partialfc.head import geodesic
 from partialfc.head.center_grad_fold import RowGradStash, fold_into
+from partialfc.head.label_check import check_label_range
 from partialfc.head.margins import CombinedMargin
 from partialfc.head.sampling import sample_classes, target_positions
 
@@ -159,13 +160,10 @@ class PartialFC(nn.Module):
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if self.check_labels and labels.numel() > 0:
-            # One host sync, deliberately: a label out of range would otherwise
-            # silently train the wrong class or index out of bounds in a kernel.
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= self.num_classes:
-                bad = low if low < 0 else high
-                raise ValueError(f"label {bad} is outside [0, {self.num_classes}) (num_classes)")
+        if self.check_labels:
+            # One host sync, deliberately: a label out of range would otherwise silently
+            # add a wrong loss term. The trainer turns this off and checks without a sync.
+            check_label_range(labels, self.num_classes)
 
     def _gather(self, normalized: torch.Tensor, labels: torch.Tensor):
         """Gathered embeddings and labels (padded when ranks hold different batch sizes),
