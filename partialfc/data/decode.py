@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from typing import Callable
+from typing import Callable, Tuple
 
 import numpy as np
 
@@ -94,18 +94,23 @@ def checked_image(data: bytes, where: str, use: Callable):
         raise CorruptImageError(f"{where}: cannot decode image ({_describe(error)})") from None
 
 
-def _to_face(image) -> np.ndarray:
+def decode_rgb(data: bytes, where: str, size: Tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> np.ndarray:
+    """Image bytes -> RGB uint8 ``(height, width, 3)`` for ``size = (width, height)``;
+    other sizes are resized bilinearly."""
     from PIL import Image
 
-    image = image.convert("RGB")
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    def to_rgb(image) -> np.ndarray:
+        image = image.convert("RGB")
+        if image.size != tuple(size):
+            image = image.resize(tuple(size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+    return checked_image(data, where, to_rgb)
 
 
 def decode_face(data: bytes, where: str) -> np.ndarray:
     """Image bytes -> RGB uint8 (112, 112, 3); other sizes are resized bilinearly."""
-    return checked_image(data, where, _to_face)
+    return decode_rgb(data, where)
 
 
 def _load_reduced(image) -> None:

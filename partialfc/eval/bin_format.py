@@ -21,10 +21,9 @@ import pickletools
 from typing import List, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
 from partialfc.atomic_io import atomic_output_path
-from partialfc.data.decode import MAX_IMAGE_PIXELS, checked_image
+from partialfc.data.decode import MAX_IMAGE_PIXELS, decode_rgb
 
 __all__ = [
     "UnsafePickleError",
@@ -179,20 +178,13 @@ def write_bin(path: str | os.PathLike, bins: Sequence[bytes], issame: Sequence[b
 def decode_image(data: bytes, image_size: Tuple[int, int], source: str = "<bytes>") -> np.ndarray:
     """Decode one encoded image to uint8 RGB ``(H, W, 3)``, resized to ``image_size`` (H, W).
 
-    Through ``partialfc.data.decode.checked_image``, the training loaders' decoder rule:
+    Through ``partialfc.data.decode.decode_rgb``, the training loaders' decoder rule:
     the same formats, and a header promising more than ``MAX_IMAGE_PIXELS`` (a
     decompression bomb: kilobytes on disk, gigabytes decoded) is refused before any pixel
     is decoded. Errors are ``CorruptImageError`` (a ValueError) naming ``source``.
     """
     height, width = image_size
-
-    def to_rgb(image) -> np.ndarray:
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
-
-    return checked_image(data, source, to_rgb)
+    return decode_rgb(data, source, (width, height))
 
 
 def decode_images(

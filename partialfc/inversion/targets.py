@@ -102,16 +102,13 @@ def class_targets(centers: torch.Tensor, class_ids: Sequence[int], subcenter: Un
 
 def read_aligned_image(path: PathLike, size: Tuple[int, int]) -> torch.Tensor:
     """An aligned face image as a uint8 (3, H, W) RGB tensor; its size must be ``size`` (H, W)."""
-    from PIL import Image, UnidentifiedImageError
+    from partialfc.data.decode import checked_image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file does not exist: {path}")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: cannot decode the image: {err}") from err
+    # The loaders' decoder rule: a decompression bomb is refused from its header.
+    image = checked_image(path.read_bytes(), str(path), lambda opened: opened.convert("RGB"))
     height, width = size
     if image.size != (width, height):
         raise ValueError(
