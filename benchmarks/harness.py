@@ -264,6 +264,12 @@ class PeakMemory:
         result["bytes"] = max(0, peak - self.baseline)
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA), so a wall-clock reading covers it; no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for allocation failures on CPU (including under RLIMIT_AS) and CUDA."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":

@@ -80,21 +80,17 @@ def bench_rank(rank: int, world_size: int, partial: dict, case: dict) -> dict:
     meter = harness.PeakMemory(device)
     meter.set_baseline()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     fwd_bwd_s, update_s, losses = [], [], []
     fwd_bwd_peak = update_peak = grad_bytes = 0
     for step in range(total_steps):
         optimizer.zero_grad(set_to_none=True)
         embeddings.grad = None
         with meter.phase() as peak:
-            sync()
+            harness.synchronize(device)
             begin = time.perf_counter()
             loss = head(embeddings, labels[step])
             loss.backward()
-            sync()
+            harness.synchronize(device)
             middle = time.perf_counter()
         timed = step >= case["warmup"]  # warm-up steps also pay one-time costs (pools, buffers)
         if timed:
@@ -109,7 +105,7 @@ def bench_rank(rank: int, world_size: int, partial: dict, case: dict) -> dict:
             if dense_update:
                 weight.grad = weight.grad.to_dense()  # what the common approach holds and steps
             optimizer.step()
-            sync()
+            harness.synchronize(device)
             end = time.perf_counter()
         losses.append(float(loss.detach()))  # after the timed region: a host sync on CUDA
         if timed:

@@ -109,10 +109,6 @@ def bench_case(rank: int, world_size: int, partial: dict, case: dict) -> dict:
     grad_lse = torch.ones(batch, device=device) / batch
     grad_target = -grad_lse
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def step(rows=weight, kept_index=class_index):
         rows.grad = None
         embeddings.grad = None
@@ -131,17 +127,17 @@ def bench_case(rank: int, world_size: int, partial: dict, case: dict) -> dict:
     meter.set_baseline()
     wall, cpu, forward_ms, backward_ms = [], [], [], []
     with meter.phase() as peak:
-        sync()
+        harness.synchronize(device)
         begin, begin_cpu = time.perf_counter(), time.process_time()
         lse = step()
-        sync()
+        harness.synchronize(device)
         end, end_cpu = time.perf_counter(), time.process_time()
     partial["peak_extra_bytes"] = peak["bytes"]
     if device.type == "cpu":  # no compilation or autotune on CPU: the measured step counts
         wall.append(end - begin)
         cpu.append(end_cpu - begin_cpu)
     for _ in range(case["repeats"]):
-        sync()
+        harness.synchronize(device)
         begin, begin_cpu = time.perf_counter(), time.process_time()
         if device.type == "cuda":
             forward, backward = timed_step(fn, embeddings, weight, class_index, target_position, subs, margin,
@@ -150,7 +146,7 @@ def bench_case(rank: int, world_size: int, partial: dict, case: dict) -> dict:
             backward_ms.append(backward)
         else:
             step()
-        sync()
+        harness.synchronize(device)
         wall.append(time.perf_counter() - begin)
         cpu.append(time.process_time() - begin_cpu)
     seconds = statistics.median(wall)

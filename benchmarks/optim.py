@@ -115,10 +115,6 @@ def bench_case(rank: int, world_size: int, partial: dict, case: dict) -> dict:
             values = torch.randn(kept, dim, device=device, generator=generator)
             _RowGradient.apply(weight, index, values).backward()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     make_grad()
     meter = harness.PeakMemory(device)
     meter.set_baseline()  # weights + state + one step's gradient
@@ -127,12 +123,12 @@ def bench_case(rank: int, world_size: int, partial: dict, case: dict) -> dict:
         if step:
             make_grad()
         with meter.phase() as peak:
-            sync()
+            harness.synchronize(device)
             begin, begin_cpu = time.perf_counter(), time.process_time()
             if impl == "torch":
                 weight.grad = weight.grad.to_dense()  # what the common approach holds and steps
             optimizer.step()
-            sync()
+            harness.synchronize(device)
             end, end_cpu = time.perf_counter(), time.process_time()
         if step >= case["warmup"]:
             wall.append(end - begin)

@@ -88,13 +88,6 @@ def engines_report(args, command: str) -> str:
 
 
 # ---------------------------------------------------------------------- ceiling mode
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def backbone_ceiling(name: str, *, device, batch: int, amp: str, channels_last: bool, compile_mode: str,
                      warmup: int, iters: int) -> float:
     """Images/s of the backbone alone: forward + backward + SGD on one batch on the device."""
@@ -123,11 +116,11 @@ def backbone_ceiling(name: str, *, device, batch: int, amp: str, channels_last: 
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    harness.synchronize(device)
     begin = time.perf_counter()
     for _ in range(iters):
         step()
-    _sync(device)
+    harness.synchronize(device)
     seconds = time.perf_counter() - begin
     del model, trained, optimizer, images, grad
     return batch * iters / seconds
