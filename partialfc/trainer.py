@@ -82,8 +82,7 @@ class Trainer:
                              f"train.accumulate = {accumulate}")
         # data.batch_size is the per-rank batch of one optimizer step; it is back-propagated
         # in `accumulate` micro-batches of batch_size / accumulate images.
-        global_batch = cfg.data.batch_size * runtime.world_size
-        self.base_lr = o.lr * global_batch / o.lr_reference_batch
+        self.base_lr = o.lr * self.global_batch / o.lr_reference_batch
         common = dict(momentum=o.momentum, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         warmup = int(o.warmup_epochs * self.steps_per_epoch)
@@ -137,9 +136,11 @@ class Trainer:
     def _poll_now(self) -> bool:
         """Steps where the device-waiting checks run: every ``train.poll_every``, the last step
         and checkpoint steps. A function of the step only, so every rank polls at the same step."""
-        cfg = self.cfg.train
-        return (self.step % cfg.poll_every == 0 or self.step >= self.stop_step
-                or bool(cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
+        return self.step % self.cfg.train.poll_every == 0 or self.step >= self.stop_step or self._checkpoint_now()
+
+    def _checkpoint_now(self) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return bool(every and self.step % every == 0)
 
     # ------------------------------------------------------------------ state
     @property
@@ -360,7 +361,7 @@ class Trainer:
                 if log_now:
                     last_loss = float(loss)  # host sync, only on log steps
                     now = time.time()
-                    images_per_s = window_steps * self.cfg.data.batch_size * self.runtime.world_size / (now - window_start)
+                    images_per_s = window_steps * self.global_batch / (now - window_start)
                     breakdown = timer.summary()["phases"]  # reads the window's CUDA events: a log-step sync
                     self._log_step(metrics_file, last_loss, images_per_s, now - started,
                                    data_wait_share=window_wait / max(now - window_start, 1e-9), breakdown=breakdown)
@@ -382,7 +383,7 @@ class Trainer:
                 poll_now = self._poll_now()
                 if poll_now:
                     self.label_check.check(force=True)  # before any checkpoint holds a bad batch's update
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                if self._checkpoint_now():
                     self.save()
                 self._maybe_evaluate()
                 if poll_now and self._stop_requested():
